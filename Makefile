@@ -1,0 +1,39 @@
+# Two entry points on a fresh machine: `make demo` and `make test`.
+# Both create .venv when missing and install brainmclip with the exact versions of
+# constraints.txt; when .venv is up to date (stamp newer than pyproject.toml and
+# constraints.txt) they skip the install and start at once.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.brainmclip-installed
+DEMO_OUT ?= runs/demo
+PIP_FLAGS ?= --quiet --progress-bar off
+
+.PHONY: demo test install lock clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing brainmclip and its pinned dependencies into $(VENV) (first time: a few minutes)"
+	$(BIN)/python -m pip install $(PIP_FLAGS) -c constraints.txt -e ".[test]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/brainmclip demo --out $(DEMO_OUT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+# Re-resolve the pinned stack in a scratch venv and rewrite constraints.txt.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install $(PIP_FLAGS) -r requirements-lock.in
+	{ echo "# Exact versions of every package brainmclip installs (make demo / make test use them as pip constraints)."; \
+	  echo "# Regenerate with: make lock (resolves requirements-lock.in in a scratch venv, then pip freeze)."; \
+	  .lock-venv/bin/pip freeze --all | grep -v -E '^(pip|brainmclip)[=@ ]'; } > constraints.txt
+	rm -rf .lock-venv
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

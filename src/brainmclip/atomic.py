@@ -1,0 +1,55 @@
+"""Write files so that a reader never sees a half-written one.
+
+Every output of every stage goes through :func:`atomic_path`: the data is written to a
+hidden temporary name in the same folder and renamed over the final name only once
+complete, so an interrupted job leaves either the old file, the new file, or no file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["TEMP_MARKER", "atomic_path", "remove_stale_temporaries", "write_bytes_atomic", "write_json_atomic"]
+
+TEMP_MARKER = ".tmp-"
+
+
+def _temporary_name(final: Path) -> Path:
+    return final.with_name(f".{final.name}{TEMP_MARKER}{os.getpid()}")
+
+
+@contextmanager
+def atomic_path(final: str | os.PathLike):
+    """Yield a temporary path; on success rename it to ``final``, on error remove it."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_name(final)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(final: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json_atomic(final: str | os.PathLike, obj) -> None:
+    # sort_keys and a fixed indent keep the bytes identical for identical content.
+    write_bytes_atomic(final, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def remove_stale_temporaries(root: str | os.PathLike) -> int:
+    """Delete temporaries left by interrupted runs under ``root``; return how many."""
+    count = 0
+    for path in Path(root).rglob(f".*{TEMP_MARKER}*"):
+        if path.is_file():
+            path.unlink()
+            count += 1
+    return count

@@ -1,0 +1,33 @@
+"""Shared fixtures: offline guard and a tiny simulated NSD written once per test session."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from brainmclip.data.synthetic import make_synthetic_nsd
+
+TINY_SUBJECTS = (1, 2)
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Fail any test that tries to reach the network: everything here must run offline."""
+    real_connect = socket.socket.connect
+
+    def guarded(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            raise RuntimeError(f"test tried to open a network connection to {address!r}")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_nsd(tmp_path_factory):
+    """The tiny preset for subjects 1 and 2, all sessions (shared read-only by tests)."""
+    root = tmp_path_factory.mktemp("tiny_nsd")
+    return make_synthetic_nsd(root, preset="tiny", subjects=TINY_SUBJECTS, seed=7, progress=False)
