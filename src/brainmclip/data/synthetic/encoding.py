@@ -188,7 +188,7 @@ class SignalModel:
     """
 
     def __init__(self, tuning: VoxelTuning, grid: int, low_maps: np.ndarray, attributes: np.ndarray,
-                 chunk: int = 2048):
+                 chunk: int = 512):
         self.tuning = tuning
         self.weights = prf_weights(tuning, grid)
         # Two passes over chunks: first the low/high component statistics, then the mix.

@@ -107,7 +107,7 @@ class SimulatedNSD:
             "  nsdgeneral voxels: " + ", ".join(f"subj{s:02d}: {self.preset.nsdgeneral_counts[s - 1]}"
                                                    for s in self.subjects),
             f"  {self.n_files} files, {self.n_bytes / 1e6:.1f} MB, {self.seconds:.1f} s"
-            + (" (resumed)" if self.resumed else ""),
+            + (" (resumed or already complete)" if self.resumed else ""),
         ]
         return "\n".join(lines)
 
@@ -219,6 +219,7 @@ def make_synthetic_nsd(out_dir, preset: str | SimulationPreset = "tiny", subject
         log.addHandler(handler)
         try:
             _write_tree(out, preset, subjects, int(seed), n_sessions, progress)
+            log.info("finished %s in %.1f s", out, time.perf_counter() - start)
         finally:
             log.removeHandler(handler)
             handler.close()
@@ -228,7 +229,6 @@ def make_synthetic_nsd(out_dir, preset: str | SimulationPreset = "tiny", subject
     rendered = len(_rendered_ids(make_design(preset, int(seed))[1], subjects))
     result = SimulatedNSD(out, preset, subjects, n_sessions, int(seed), rendered, len(files),
                           sum(files.values()), time.perf_counter() - start, resumed)
-    log.info("%s", result.summary())
     return result
 
 
