@@ -22,7 +22,7 @@ def _subject_list(text: str) -> list[int]:
     try:
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of subject numbers, e.g. 1,2")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of subject numbers, e.g. 1,2") from None
 
 
 def _add_simulate(sub) -> None:
@@ -50,6 +50,79 @@ def _run_simulate(args) -> int:
     return 0
 
 
+def _session_list(text: str) -> tuple[int, ...]:
+    """'1-37', '1,2,5' or '1-3,7' -> sessions."""
+    sessions: list[int] = []
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                a, b = part.split("-")
+                sessions.extend(range(int(a), int(b) + 1))
+            elif part.strip():
+                sessions.append(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a session list like 1-37 or 1,2,5") from None
+    return tuple(sessions)
+
+
+def _add_prepare(sub) -> None:
+    from brainmclip.data.prepare import NORMALIZATIONS, TEST_SETS
+
+    p = sub.add_parser("prepare", help="NSD files (official or published formats) to a prepared subject dataset",
+                       description="Build the prepared dataset every later stage reads: per image (or trial) the "
+                                   "nsdgeneral fMRI vector, NSD id, captions, stimulus and trial ids; voxel masks, ROI "
+                                   "labels and BrainMCLIP voxel groups.")
+    p.add_argument("--nsd-root", type=Path, help="NSD root (official layout; a simulated tree works too)")
+    p.add_argument("--subject", required=True, type=int, help="NSD subject 1-8")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--test-set", default="old", choices=TEST_SETS,
+                   help="old: sessions 1-37, 982 test images (most papers); new: all sessions, 1000 (MindEye2)")
+    p.add_argument("--sessions", type=_session_list,
+                   help="explicit sessions, e.g. 1-20 (overrides the test set's range)")
+    p.add_argument("--betas-version", default="betas_fithrf_GLMdenoise_RR", help="betas folder under func1pt8mm")
+    p.add_argument("--normalize", default="session", choices=NORMALIZATIONS,
+                   help="session: per-session z-score with train trials (default, leakage-safe); brain-diffuser: "
+                        "average then z-score with train statistics; none: percent signal change")
+    p.add_argument("--single-trial", action="store_true", help="keep repeats as separate rows")
+    p.add_argument("--val-size", type=int, help="images held out from the end of train (default: 859/8859 of train)")
+    p.add_argument("--detail-voxels", default="roi", choices=("roi", "nsdgeneral"),
+                   help="fMRI-Detail: prf-visualrois ∪ floc (roi, default) or all nsdgeneral voxels")
+    p.add_argument("--no-images", action="store_true", help="do not copy the stimuli")
+    p.add_argument("--captions-file", type=Path, help="COCO_73k_annots_curated.npy instead of COCO caption JSON")
+    p.add_argument("--full-hash", action="store_true", help="SHA-256 every input (default: size+mtime above 64 MB)")
+    p.add_argument("--force", action="store_true", help="replace an existing prepared dataset with other settings")
+    p.add_argument("--keep-work", action="store_true", help="keep the per-session intermediate files")
+    p.add_argument("--format", default="nsd", choices=("nsd", "brain-diffuser", "mindeye1", "mindeye2"),
+                   help="input format: official NSD tree (default) or a published preprocessed format")
+    p.add_argument("--input", type=Path, help="folder of the published format (with --format other than nsd)")
+    p.set_defaults(func=_run_prepare)
+
+
+def _run_prepare(args) -> int:
+    from brainmclip.data.prepare import PrepareOptions, prepare_subject
+
+    if args.format == "nsd":
+        if args.nsd_root is None:
+            raise ValueError("--nsd-root is required for --format nsd")
+        options = PrepareOptions(test_set=args.test_set, sessions=args.sessions, betas_version=args.betas_version,
+                                 normalize=args.normalize, single_trial=args.single_trial, val_size=args.val_size,
+                                 detail_voxels=args.detail_voxels, images=not args.no_images,
+                                 captions_file=str(args.captions_file) if args.captions_file else None,
+                                 full_hash=args.full_hash)
+        prepared = prepare_subject(args.nsd_root, args.subject, args.out, options, force=args.force,
+                                   keep_work=args.keep_work, progress=not args.quiet)
+    else:
+        from brainmclip.data.published import prepare_published
+
+        if args.input is None:
+            raise ValueError(f"--input is required for --format {args.format}")
+        prepared = prepare_published(args.format, args.input, args.subject, args.out, nsd_root=args.nsd_root,
+                                     normalize=args.normalize, val_size=args.val_size,
+                                     detail_voxels=args.detail_voxels, force=args.force)
+    print(prepared.summary())
+    return 0
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="run the whole chain on simulated data (what `make demo` runs)")
     p.add_argument("--out", default=Path("runs/demo"), type=Path, help="output folder (default: runs/demo)")
@@ -72,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_simulate(sub)
+    _add_prepare(sub)
     _add_demo(sub)
     return parser
 

@@ -40,7 +40,8 @@ def test_subject_and_session_choice_do_not_change_the_data(tmp_path, tiny_nsd):
         assert a == b
     assert not nsd_paths.betas_path(small.root, 1, 3).exists()
     for roi in ("nsdgeneral", "floc-faces"):
-        assert nsd_paths.roi_path(small.root, 1, roi).read_bytes() == nsd_paths.roi_path(tiny_nsd.root, 1, roi).read_bytes()
+        ours, theirs = nsd_paths.roi_path(small.root, 1, roi), nsd_paths.roi_path(tiny_nsd.root, 1, roi)
+        assert ours.read_bytes() == theirs.read_bytes()
 
 
 def test_refuses_non_empty_folder_without_force(tmp_path):

@@ -93,7 +93,8 @@ def test_face_voxels_prefer_faces(subject_data, tiny_nsd):
     assert stats.ttest_ind(face_roi[has_face], face_roi[~has_face]).statistic > 3
     assert stats.ttest_ind(place_roi[has_house], place_roi[~has_house]).statistic > 3
     # Selectivity, not general arousal: face voxels do not prefer houses.
-    assert face_roi[has_face].mean() - face_roi[~has_face].mean() > face_roi[has_house].mean() - face_roi[~has_house].mean()
+    face_effect = face_roi[has_face].mean() - face_roi[~has_face].mean()
+    assert face_effect > face_roi[has_house].mean() - face_roi[~has_house].mean()
 
 
 def test_noise_ceiling_matches_ground_truth(subject_data):

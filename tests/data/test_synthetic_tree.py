@@ -71,7 +71,8 @@ def test_stim_info_csv_matches_design(tiny_nsd, design, stim_info):
     masterordering, subjectim, sharedix = design
     assert len(stim_info) == p.n_total_images
     header = list(stim_info[0])
-    for column in ["cocoId", "cocoSplit", "nsdId", "shared1000", "subject1", "subject8", "subject1_rep0", "subject8_rep2"]:
+    for column in ["cocoId", "cocoSplit", "nsdId", "shared1000", "subject1", "subject8", "subject1_rep0",
+                   "subject8_rep2"]:
         assert column in header
     shared = {int(r["nsdId"]) for r in stim_info if r["shared1000"] == "True"}
     assert shared == set(sharedix.ravel() - 1)

@@ -61,7 +61,7 @@ class SimulationPreset:
             )
         if len(self.grid_shapes) != N_SUBJECTS or len(self.nsdgeneral_counts) != N_SUBJECTS:
             raise ValueError(f"preset {self.name!r}: grid_shapes and nsdgeneral_counts need {N_SUBJECTS} entries")
-        for shape, count in zip(self.grid_shapes, self.nsdgeneral_counts):
+        for shape, count in zip(self.grid_shapes, self.nsdgeneral_counts, strict=True):
             # nsdgeneral must fit in the occipital part of an ellipsoidal brain.
             if count > 0.15 * shape[0] * shape[1] * shape[2]:
                 raise ValueError(f"preset {self.name!r}: {count} nsdgeneral voxels do not fit a {shape} grid")

@@ -6,6 +6,7 @@ a creation date, HDF5 objects modification times. Each writer here pins them.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
@@ -84,7 +85,7 @@ def write_coco_captions(path: Path, split: str, coco_ids: Iterable[int], caption
     """A COCO ``captions_<split>.json`` with ``images`` and ``annotations``; returns the next free id."""
     images, annotations = [], []
     ann_id = first_annotation_id
-    for coco_id, texts in zip(coco_ids, captions):
+    for coco_id, texts in zip(coco_ids, captions, strict=True):
         images.append({"id": int(coco_id), "file_name": f"{int(coco_id):012d}.jpg", "height": image_size,
                        "width": image_size, "license": 0})
         for text in texts:
@@ -149,10 +150,8 @@ class NiftiStreamWriter:
     def abort(self) -> None:
         self._gz.close()
         self._raw.close()
-        try:
+        with contextlib.suppress(RuntimeError):  # atomic_path re-raises after removing the temporary
             self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
-        except RuntimeError:
-            pass
 
     def __enter__(self):
         return self
@@ -206,7 +205,5 @@ class StimulusWriter:
 
     def abort(self) -> None:
         self._file.close()
-        try:
+        with contextlib.suppress(RuntimeError):  # atomic_path re-raises after removing the temporary
             self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
-        except RuntimeError:
-            pass

@@ -1,0 +1,463 @@
+"""``prepare_subject``: official NSD files (or the simulated tree) to a prepared subject dataset.
+
+Per session: read the betas of the nsdgeneral voxels volume by volume, check them,
+normalise them and keep the result in ``.work/`` (this is what makes an interrupted run
+resume per session). Then assemble the splits, average repeats (unless single-trial),
+copy the stimuli and captions, and commit. Memory holds one session plus one volume;
+the outputs are filled through memory maps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import h5py
+import numpy as np
+from tqdm.auto import tqdm
+
+from brainmclip import __version__
+from brainmclip.atomic import atomic_path, remove_stale_temporaries
+from brainmclip.data import nsd_paths
+from brainmclip.data.nsd_official import (
+    ExpDesign,
+    available_sessions,
+    open_betas_session,
+    read_coco_captions,
+    read_curated_captions,
+    read_expdesign,
+    read_roi_volume,
+    read_stim_info,
+)
+from brainmclip.data.nsd_paths import NSD_SESSIONS_PER_SUBJECT, ROI_NAMES, check_subject
+from brainmclip.data.prepared import PREPARED_FORMAT, PreparedSubject, PreparedWriter, VoxelSet, load_prepared
+
+__all__ = ["PrepareOptions", "prepare_subject", "NORMALIZATIONS", "TEST_SETS", "session_plan"]
+
+log = logging.getLogger("brainmclip.prepare")
+
+NORMALIZATIONS = ("session", "brain-diffuser", "none")
+TEST_SETS = ("old", "new")
+# The "old" test set uses sessions 1-37: NSD withheld 38-40 for the Algonauts challenge.
+OLD_TEST_SET_SESSIONS = 37
+# MindDiffuser's validation slice: the last 859 of 8859 training images.
+DEFAULT_VAL_FRACTION = 859 / 8859
+# Inputs larger than this are identified by size + mtime unless full hashing is asked for.
+_HASH_LIMIT = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """How to turn NSD files into a prepared dataset (saved in the manifest).
+
+    Attributes
+    ----------
+    test_set : {'old', 'new'}
+        'old': sessions 1-37, the 982-image test set of most papers; 'new': all sessions,
+        MindEye2's 1000 images.
+    sessions : tuple of int, optional
+        Explicit 1-based sessions, overriding the test set's default range.
+    betas_version : str
+        Folder under ``func1pt8mm`` (``betas_fithrf_GLMdenoise_RR``, ``betas_fithrf``, ...).
+    normalize : {'session', 'brain-diffuser', 'none'}
+        'session' (default, leakage-safe): z-score each voxel per session with that
+        session's train trials, then average repeats. 'brain-diffuser': percent signal
+        change, average, then z-score each voxel with the train split's mean and sd
+        (ddof=1). 'none': percent signal change, averaged.
+    single_trial : bool
+        Keep repeats as separate rows (train on trials, average model outputs at test).
+    val_size : int, optional
+        Images (or their trials) held out from the end of train; default 859/8859 of train.
+    detail_voxels : {'roi', 'nsdgeneral'}
+        fMRI-Detail = prf-visualrois ∪ floc (default) or all nsdgeneral voxels.
+    images : bool
+        Copy the stimuli into the dataset.
+    captions_file : str, optional
+        ``COCO_73k_annots_curated.npy`` to take captions from instead of COCO's JSON files.
+    full_hash : bool
+        Identify large inputs by SHA-256 instead of size and mtime.
+    """
+
+    test_set: str = "old"
+    sessions: tuple[int, ...] | None = None
+    betas_version: str = "betas_fithrf_GLMdenoise_RR"
+    normalize: str = "session"
+    single_trial: bool = False
+    val_size: int | None = None
+    detail_voxels: str = "roi"
+    images: bool = True
+    captions_file: str | None = None
+    full_hash: bool = False
+
+    def __post_init__(self):
+        if self.test_set not in TEST_SETS:
+            raise ValueError(f"Unknown test_set={self.test_set!r}; choose from {list(TEST_SETS)}")
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"Unknown normalize={self.normalize!r}; choose from {list(NORMALIZATIONS)}")
+        if self.detail_voxels not in ("roi", "nsdgeneral"):
+            raise ValueError(f"Unknown detail_voxels={self.detail_voxels!r}; choose 'roi' or 'nsdgeneral'")
+        if self.sessions is not None and (not self.sessions or min(self.sessions) < 1):
+            raise ValueError(f"sessions={self.sessions!r}; expected 1-based session numbers")
+        if self.val_size is not None and self.val_size < 0:
+            raise ValueError(f"val_size={self.val_size!r}; expected a non-negative number of images")
+
+    def identity(self) -> dict:
+        """The options that change the output (full_hash only changes how inputs are identified)."""
+        d = asdict(self)
+        d.pop("full_hash")
+        d["sessions"] = list(self.sessions) if self.sessions else None
+        return d
+
+
+@dataclass
+class SessionPlan:
+    """Which trials go where. Rows of each split follow the first appearance of each image."""
+
+    sessions: list[int]
+    trials_per_session: int
+    trial_ids: np.ndarray            # (n_trials,) global 0-based trial numbers, session order
+    trial_images: np.ndarray         # (n_trials,) 0-based NSD index
+    split_images: dict[str, np.ndarray] = field(default_factory=dict)  # NSD ids per split, row order
+
+
+def session_plan(design: ExpDesign, subject: int, sessions: list[int], val_size: int | None) -> SessionPlan:
+    T = design.trials_per_session
+    trial_ids = np.concatenate([np.arange((s - 1) * T, s * T) for s in sessions])
+    images = design.trial_images(subject)[trial_ids]
+    is_test = design.is_test_trial()[trial_ids]
+    plan = SessionPlan(sessions, T, trial_ids, images)
+
+    def first_appearance(ids):
+        _, first = np.unique(ids, return_index=True)
+        return ids[np.sort(first)]
+
+    train = first_appearance(images[~is_test])
+    test = first_appearance(images[is_test])
+    n_val = round(len(train) * DEFAULT_VAL_FRACTION) if val_size is None else val_size
+    if n_val >= len(train):
+        raise ValueError(f"val_size={n_val} leaves no training images (train has {len(train)})")
+    plan.split_images = {"train": train[: len(train) - n_val], "val": train[len(train) - n_val:], "test": test}
+    return plan
+
+
+def _file_identity(path: Path, full_hash: bool) -> dict:
+    stat = path.stat()
+    if full_hash or stat.st_size <= _HASH_LIMIT:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(2**22), b""):
+                digest.update(block)
+        return {"bytes": stat.st_size, "sha256": digest.hexdigest()}
+    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _choose_sessions(root: Path, subject: int, options: PrepareOptions) -> list[int]:
+    completed = NSD_SESSIONS_PER_SUBJECT[subject - 1]
+    if options.sessions:
+        wanted = sorted(set(options.sessions))
+    else:
+        last = min(OLD_TEST_SET_SESSIONS, completed) if options.test_set == "old" else completed
+        wanted = list(range(1, last + 1))
+    found = available_sessions(root, subject, options.betas_version)
+    missing = [s for s in wanted if s not in found]
+    if missing:
+        folder = nsd_paths.betas_dir(root, subject, options.betas_version)
+        have = f"found sessions {_short(found)}" if found else "found no betas_sessionNN files"
+        raise FileNotFoundError(f"{folder}: betas_session{missing[0]:02d} missing ({len(missing)} of the requested "
+                                f"sessions {_short(wanted)} absent; {have}); choose sessions with --sessions")
+    return wanted
+
+
+def _short(values) -> str:
+    from brainmclip.data.prepared import _ranges
+
+    return _ranges(list(values))
+
+
+def _voxels(root: Path, subject: int, detail: str) -> tuple[VoxelSet, dict[str, Path]]:
+    labels, paths = {}, {}
+    nsdgeneral, affine = read_roi_volume(root, subject, "nsdgeneral")
+    grid = nsdgeneral.shape
+    mask = nsdgeneral > 0
+    if not mask.any():
+        raise ValueError(f"{nsd_paths.roi_path(root, subject, 'nsdgeneral')}: no voxel labelled > 0")
+    ijk = np.argwhere(mask)  # C order on (X, Y, Z): the order every NSD pipeline uses
+    for roi in ROI_NAMES:
+        volume, roi_affine = (nsdgeneral, affine) if roi == "nsdgeneral" else read_roi_volume(root, subject, roi)
+        path = nsd_paths.roi_path(root, subject, roi)
+        paths[roi] = path
+        if volume.shape != grid or not np.allclose(roi_affine, affine, atol=1e-3):
+            raise ValueError(f"{path}: grid {volume.shape} does not match nsdgeneral's {grid} (or its affine); "
+                             "expected ROI files of the same func1pt8mm space")
+        labels[roi] = np.clip(volume[mask], 0, None).astype(np.int16)
+    return VoxelSet.from_rois(grid, ijk, labels, detail), paths
+
+
+def prepare_subject(nsd_root, subject: int, out_dir, options: PrepareOptions | None = None, force: bool = False,
+                    keep_work: bool = False, progress: bool = True, workers: int = 2) -> PreparedSubject:
+    """Prepare one subject of an NSD tree into ``out_dir``; see :class:`PrepareOptions`.
+
+    Rerunning with the same inputs and options returns the existing dataset at once; an
+    interrupted run resumes with the sessions it had finished. ``workers`` sessions are read
+    at once (each holds one session of betas in memory).
+    """
+    start = time.perf_counter()
+    options = options or PrepareOptions()
+    subject = check_subject(subject)
+    root, out = Path(nsd_root), Path(out_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: NSD root folder not found")
+
+    # 1. Inputs: design, voxels, sessions, and their identities.
+    design = read_expdesign(root)
+    voxels, roi_paths = _voxels(root, subject, options.detail_voxels)
+    sessions = _choose_sessions(root, subject, options)
+    plan = session_plan(design, subject, sessions, options.val_size)
+    stimuli = nsd_paths.stimuli_path(root)
+    # Open every session's header first: a wrong grid or trial count fails before any work.
+    betas_paths = {}
+    for s in sessions:
+        reader = open_betas_session(root, subject, s, options.betas_version, voxels.grid_shape)
+        _check_trial_count(reader, plan, root)
+        betas_paths[s] = reader.path
+    inputs = [nsd_paths.expdesign_path(root), *roi_paths.values(), *betas_paths.values()]
+    if options.images:
+        if not stimuli.is_file():
+            raise FileNotFoundError(f"{stimuli}: missing (NSD stimuli); prepare with --no-images to skip them")
+        inputs.append(stimuli)
+    if options.captions_file:
+        inputs.append(Path(options.captions_file))
+    else:
+        inputs.append(nsd_paths.stim_info_path(root))
+    identity = {"subject": subject, "options": options.identity(), "code_version": __version__,
+                "inputs": {_rel(p, root): _file_identity(p, options.full_hash) for p in inputs}}
+
+    # 2. Up to date, resumable, or in the way?
+    state = _check_out(out, identity, force)
+    if state == "complete":
+        log.info("%s is up to date; nothing to do", out)
+        return load_prepared(out)
+    work = out / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+    (work / "identity.json").write_text(json.dumps(identity, sort_keys=True))
+
+    # 3. Sessions: read, check, normalise, keep. zlib and numpy release the GIL, so two
+    # sessions in threads decompress on two cores (memory: two sessions).
+    is_test = design.is_test_trial()
+    todo = [s for s in sessions if not (work / f"session_{s:02d}.npy").exists()]
+    job = partial(_prepare_session, root, subject, options, voxels, plan, is_test, work)
+    bar = tqdm(total=len(sessions), initial=len(sessions) - len(todo), desc=f"subj{subject:02d} sessions",
+               unit="session", disable=not progress)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = [pool.submit(job, s) for s in todo]
+        try:
+            for future in as_completed(futures):
+                future.result()
+                bar.update(1)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+    bar.close()
+
+    # 4. Assemble splits, images, captions; commit.
+    writer = PreparedWriter(out)
+    writer.save_voxels(voxels)
+    captions = _captions(root, options)
+    _assemble(writer, work, plan, voxels.n_voxels, options, captions, stimuli, progress)
+    manifest = {
+        **identity,
+        "format": PREPARED_FORMAT,
+        "source": "nsd",
+        "nsd_root": str(root.resolve()),
+        "test_set": options.test_set if not options.sessions else f"custom ({options.test_set} split rule)",
+        "sessions": sessions,
+        "trials_per_session": plan.trials_per_session,
+        "n_voxels": voxels.n_voxels,
+        "voxel_groups": {k: len(v) for k, v in voxels.groups.items()},
+        "shapes": {split: [len(ids), voxels.n_voxels] for split, ids in _split_rows(plan, options).items()},
+        "images": options.images,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    writer.commit(manifest)
+    if not keep_work:
+        shutil.rmtree(work)
+    return load_prepared(out)
+
+
+def _prepare_session(root, subject, options, voxels, plan, is_test, work, session) -> None:
+    reader = open_betas_session(root, subject, session, options.betas_version, voxels.grid_shape)
+    _check_trial_count(reader, plan, root)
+    betas = reader.read(voxels.voxel_ijk)
+    _check_betas(betas, reader.path, voxels)
+    if options.normalize == "session":
+        trials = np.arange((session - 1) * plan.trials_per_session, session * plan.trials_per_session)
+        betas = _zscore_with_train(betas, ~is_test[trials], reader.path)
+    with atomic_path(work / f"session_{session:02d}.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, betas)
+    log.debug("session %02d: %s", session, reader.path)
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(Path(path).resolve())
+
+
+def _check_out(out: Path, identity: dict, force: bool) -> str:
+    """'fresh', 'resume' or 'complete'; refuses a folder holding something else unless ``force``."""
+    if not out.exists() or not any(out.iterdir()):
+        return "fresh"
+    same = json.loads(json.dumps(identity, sort_keys=True))
+    manifest = out / "manifest.json"
+    if manifest.is_file():
+        existing = json.loads(manifest.read_text())
+        if existing.get("complete") and {k: existing.get(k) for k in same} == same and not force:
+            return "complete"
+    work_identity = out / ".work" / "identity.json"
+    if work_identity.is_file() and json.loads(work_identity.read_text()) == same and not force:
+        return "resume"
+    known = {"manifest.json", "voxels.npz", ".work", ".staging", "train", "val", "test"}
+    if not force:
+        if {p.name for p in out.iterdir()} <= known:
+            raise FileExistsError(f"{out} holds a dataset prepared from other inputs or options; "
+                                  "pass --force to replace it or choose another folder")
+        raise FileExistsError(f"{out} is not empty and is not a prepared dataset; choose another folder or pass --force")
+    for name in known:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    return "fresh"
+
+
+def _check_trial_count(reader, plan: SessionPlan, root: Path) -> None:
+    if reader.n_trials != plan.trials_per_session:
+        raise ValueError(f"{reader.path}: {reader.n_trials} trials; {nsd_paths.expdesign_path(root).name} "
+                         f"expects {plan.trials_per_session} per session (wrong design or betas file?)")
+
+
+def _check_betas(betas: np.ndarray, path: Path, voxels: VoxelSet) -> None:
+    bad = ~np.isfinite(betas).all(0)
+    if bad.any():
+        i, j, k = voxels.voxel_ijk[np.flatnonzero(bad)[0]]
+        raise ValueError(f"{path}: {int(bad.sum())} nsdgeneral voxels hold NaN or inf (first at voxel {i},{j},{k}); "
+                         "expected finite betas")
+    zero = ~betas.any(0)
+    if zero.any():
+        i, j, k = voxels.voxel_ijk[np.flatnonzero(zero)[0]]
+        raise ValueError(f"{path}: {int(zero.sum())} nsdgeneral voxels are all zero (first at voxel {i},{j},{k}); "
+                         "expected betas for every nsdgeneral voxel (wrong mask or subject?)")
+
+
+def _zscore_with_train(betas: np.ndarray, train_rows: np.ndarray, path: Path) -> np.ndarray:
+    if train_rows.sum() < 2:
+        raise ValueError(f"{path}: fewer than 2 training trials in this session; cannot z-score with train statistics")
+    fit = betas[train_rows].astype(np.float64)
+    mean, sd = fit.mean(0), fit.std(0)
+    if (sd == 0).any():
+        raise ValueError(f"{path}: {int((sd == 0).sum())} voxels are constant over the session's train trials; "
+                         "cannot z-score them")
+    return ((betas - mean) / sd).astype(np.float32)
+
+
+def _split_rows(plan: SessionPlan, options: PrepareOptions) -> dict[str, np.ndarray]:
+    """Per split, the trial positions (into plan.trial_ids) of each row's source, as row lists."""
+    rows = {}
+    for split, ids in plan.split_images.items():
+        if options.single_trial:
+            rows[split] = np.flatnonzero(np.isin(plan.trial_images, ids))
+        else:
+            rows[split] = ids
+    return rows
+
+
+def _captions(root: Path, options: PrepareOptions):
+    if options.captions_file:
+        return lambda ids: read_curated_captions(Path(options.captions_file), ids)
+    info = read_stim_info(root)
+    return lambda ids: read_coco_captions(root, info["cocoId"][ids], info["cocoSplit"][ids])
+
+
+def _assemble(writer: PreparedWriter, work: Path, plan: SessionPlan, n_voxels: int, options: PrepareOptions,
+              captions, stimuli: Path, progress: bool) -> None:
+    T = plan.trials_per_session
+    position = {s: i for i, s in enumerate(plan.sessions)}
+    outputs, counts, row_of_trial = {}, {}, {}
+    for split, ids in plan.split_images.items():
+        if options.single_trial:
+            trials = np.flatnonzero(np.isin(plan.trial_images, ids))  # positions in plan order
+            row_of_trial[split] = dict(zip(trials.tolist(), range(len(trials)), strict=True))
+            stim = plan.trial_images[trials]
+            trial_ids = plan.trial_ids[trials][:, None]
+        else:
+            index = {int(v): r for r, v in enumerate(ids)}
+            rows = np.array([index.get(int(v), -1) for v in plan.trial_images])
+            sel = np.flatnonzero(rows >= 0)
+            row_of_trial[split] = dict(zip(sel.tolist(), rows[sel].tolist(), strict=True))
+            stim = ids
+            per_row: list[list[int]] = [[] for _ in ids]
+            for p in sel:
+                per_row[rows[p]].append(int(plan.trial_ids[p]))
+            trial_ids = np.full((len(ids), max(map(len, per_row), default=1)), -1, np.int64)
+            for r, ts in enumerate(per_row):
+                trial_ids[r, : len(ts)] = ts
+        n_rows = len(stim)
+        outputs[split] = writer.array(f"{split}/betas.npy", (n_rows, n_voxels), np.float32)
+        counts[split] = np.zeros(n_rows, np.int64)
+        writer.save_split(split, stim, trial_ids, captions(stim))
+
+    # Accumulate each session's trials into their rows (sums; divided below).
+    for session in tqdm(plan.sessions, desc="assembling", unit="session", disable=not progress):
+        betas = np.load(work / f"session_{session:02d}.npy", mmap_mode="r")
+        base = position[session] * T
+        for split in outputs:
+            for t in range(T):
+                row = row_of_trial[split].get(base + t)
+                if row is not None:
+                    outputs[split][row] += betas[t]
+                    counts[split][row] += 1
+    for split, out in outputs.items():
+        out /= np.maximum(counts[split], 1)[:, None].astype(np.float32)
+
+    if options.normalize == "brain-diffuser":
+        # Brain-Diffuser: z-score every voxel with the train split's mean and sd (ddof=1).
+        train = outputs["train"]
+        mean = train.mean(0, dtype=np.float64)
+        sd = train.std(0, ddof=1, dtype=np.float64)
+        if (sd == 0).any():
+            raise ValueError(f"{int((sd == 0).sum())} voxels are constant over the training images; cannot z-score")
+        for out in outputs.values():
+            for start in range(0, len(out), 1024):
+                out[start:start + 1024] = (out[start:start + 1024] - mean) / sd
+    for out in outputs.values():
+        out.flush()
+
+    if options.images:
+        _copy_images(writer, plan, options, stimuli, progress)
+
+
+def _copy_images(writer, plan, options, stimuli: Path, progress: bool) -> None:
+    with h5py.File(stimuli, "r") as f:
+        if "imgBrick" not in f:
+            raise ValueError(f"{stimuli}: no dataset 'imgBrick'; expected NSD's stimuli file")
+        brick = f["imgBrick"]
+        for split, ids in _split_rows(plan, options).items():
+            stim = plan.trial_images[ids] if options.single_trial else ids
+            out = writer.rows(f"{split}/images.npy", (len(stim), *brick.shape[1:]), np.uint8)
+            for start in tqdm(range(0, len(stim), 64), desc=f"{split} images", disable=not progress, leave=False):
+                chunk = stim[start:start + 64]
+                sorted_ids = np.unique(chunk)
+                block = brick[sorted_ids]  # h5py wants increasing, unique indices
+                out.write(block[np.searchsorted(sorted_ids, chunk)])
+            out.close()
