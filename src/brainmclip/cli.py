@@ -75,14 +75,16 @@ def _add_prepare(sub) -> None:
     p.add_argument("--nsd-root", type=Path, help="NSD root (official layout; a simulated tree works too)")
     p.add_argument("--subject", required=True, type=int, help="NSD subject 1-8")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--test-set", default="old", choices=TEST_SETS,
-                   help="old: sessions 1-37, 982 test images (most papers); new: all sessions, 1000 (MindEye2)")
+    p.add_argument("--test-set", default=None, choices=TEST_SETS,
+                   help="old: sessions 1-37, 982 test images (most papers; default for NSD); new: all sessions, "
+                        "1000 (MindEye2; default for --format mindeye2)")
     p.add_argument("--sessions", type=_session_list,
                    help="explicit sessions, e.g. 1-20 (overrides the test set's range)")
     p.add_argument("--betas-version", default="betas_fithrf_GLMdenoise_RR", help="betas folder under func1pt8mm")
-    p.add_argument("--normalize", default="session", choices=NORMALIZATIONS,
-                   help="session: per-session z-score with train trials (default, leakage-safe); brain-diffuser: "
-                        "average then z-score with train statistics; none: percent signal change")
+    p.add_argument("--normalize", default=None, choices=NORMALIZATIONS,
+                   help="session: per-session z-score with train trials (default for NSD, leakage-safe); "
+                        "brain-diffuser: average then z-score with train statistics; none: as the files hold them "
+                        "(default for published formats, which their authors normalised already)")
     p.add_argument("--single-trial", action="store_true", help="keep repeats as separate rows")
     p.add_argument("--val-size", type=int, help="images held out from the end of train (default: 859/8859 of train)")
     p.add_argument("--detail-voxels", default="roi", choices=("roi", "nsdgeneral"),
@@ -104,8 +106,9 @@ def _run_prepare(args) -> int:
     if args.format == "nsd":
         if args.nsd_root is None:
             raise ValueError("--nsd-root is required for --format nsd")
-        options = PrepareOptions(test_set=args.test_set, sessions=args.sessions, betas_version=args.betas_version,
-                                 normalize=args.normalize, single_trial=args.single_trial, val_size=args.val_size,
+        options = PrepareOptions(test_set=args.test_set or "old", sessions=args.sessions, betas_version=args.betas_version,
+                                 normalize=args.normalize or "session", single_trial=args.single_trial,
+                                 val_size=args.val_size,
                                  detail_voxels=args.detail_voxels, images=not args.no_images,
                                  captions_file=str(args.captions_file) if args.captions_file else None,
                                  full_hash=args.full_hash)
@@ -117,8 +120,10 @@ def _run_prepare(args) -> int:
         if args.input is None:
             raise ValueError(f"--input is required for --format {args.format}")
         prepared = prepare_published(args.format, args.input, args.subject, args.out, nsd_root=args.nsd_root,
-                                     normalize=args.normalize, val_size=args.val_size,
-                                     detail_voxels=args.detail_voxels, force=args.force)
+                                     normalize=args.normalize or "none", val_size=args.val_size,
+                                     detail_voxels=args.detail_voxels, force=args.force, test_set=args.test_set,
+                                     images=not args.no_images, single_trial=args.single_trial,
+                                     full_hash=args.full_hash)
     print(prepared.summary())
     return 0
 

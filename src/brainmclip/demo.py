@@ -1,29 +1,31 @@
 """The embedded default: the whole chain on a simulated NSD, on a laptop CPU.
 
-At this stage the chain is its first link (simulate); later stages append themselves here.
+Stages built so far: simulate -> prepare. Later stages append themselves here; every stage
+skips or resumes finished work, so rerunning the demo on the same folder is quick.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from brainmclip.data.prepare import PrepareOptions, prepare_subject
 from brainmclip.data.synthetic import make_synthetic_nsd
 
-__all__ = ["run_synthetic_demo"]
+__all__ = ["run_synthetic_demo", "DEMO_SUBJECTS"]
 
 DEMO_SUBJECTS = (1, 2)
 
 
 def run_synthetic_demo(out_dir, tiny: bool = False, seed: int = 0, progress: bool = True) -> str:
-    """Run the demo into ``out_dir`` and return a short summary of what it wrote.
-
-    Rerunning on the same folder reuses finished stages (each stage resumes or skips).
-    """
+    """Run the demo into ``out_dir`` and return a short summary of what it wrote."""
     out = Path(out_dir)
+    # 1. A simulated NSD tree with the official layout.
     nsd = make_synthetic_nsd(out / "nsd", preset="tiny" if tiny else "small", subjects=DEMO_SUBJECTS, seed=seed,
                              progress=progress)
-    return "\n".join([
-        "brainmclip demo",
-        nsd.summary(),
-        f"next stages (prepare, extract, train, reconstruct, evaluate) are not built yet; NSD tree at {nsd.root}",
-    ])
+    # 2. Prepared datasets, exactly as from a real NSD copy (old test set, leakage-safe z-scoring).
+    prepared = [prepare_subject(nsd.root, s, out / "prepared" / f"subj{s:02d}", PrepareOptions(), progress=progress)
+                for s in DEMO_SUBJECTS]
+    lines = ["brainmclip demo", nsd.summary()]
+    lines += [p.summary() for p in prepared]
+    lines.append("next stages (extract, train, reconstruct, evaluate) are not built yet")
+    return "\n".join(lines)

@@ -139,5 +139,6 @@ def test_cli_version(capsys):
 def test_demo_tiny(tmp_path, capsys):
     assert main(["-q", "demo", "--tiny", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    assert "brainmclip demo" in printed and "subj02" in printed
+    assert "brainmclip demo" in printed and "subj02" in printed and "prepared subject 2" in printed
     assert nsd_paths.expdesign_path(tmp_path / "nsd").exists()
+    assert (tmp_path / "prepared" / "subj01" / "manifest.json").exists()
