@@ -128,6 +128,46 @@ def _run_prepare(args) -> int:
     return 0
 
 
+def _layer_range(text: str) -> tuple[int, ...]:
+    layers = _session_list(text)
+    if not layers:
+        raise argparse.ArgumentTypeError(f"{text!r} names no layer; expected e.g. 11-20")
+    return layers
+
+
+def _add_extract(sub) -> None:
+    p = sub.add_parser("extract", help="CLIP features of every image of prepared datasets into a feature store",
+                       description="Compute e_I,D (mean of projected, CLS-normalised vision layers), e_I,S (final "
+                                   "layer) and E_T (caption-averaged projected text tokens) once per NSD image.")
+    p.add_argument("--data", required=True, nargs="+", type=Path, help="prepared dataset folder(s)")
+    p.add_argument("--model", default="openai/clip-vit-large-patch14",
+                   help="local folder or cached hub id of CLIP ViT-L/14 (never downloaded); 'tiny' for the "
+                        "random-initialised test model, random:vit_large_patch14 for a full-size random one")
+    p.add_argument("--layers", default=tuple(range(11, 21)), type=_layer_range,
+                   help="vision blocks averaged into the detail embedding (default 11-20)")
+    p.add_argument("--final", default=24, type=int, help="vision block of the semantic embedding (default 24)")
+    p.add_argument("--merge", default="project-then-average", choices=("project-then-average", "average-then-project"))
+    p.add_argument("--out", type=Path, help="feature store folder (default: features/<model> beside the first dataset)")
+    p.add_argument("--batch-size", default=32, type=int)
+    p.add_argument("--shard-size", default=256, type=int, help="images per shard file")
+    p.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is present")
+    p.set_defaults(func=_run_extract)
+
+
+def _run_extract(args) -> int:
+    from brainmclip.features.extract import extract_features
+
+    out = args.out
+    if out is None:
+        slug = args.model.rstrip("/").replace("random:", "random-").split("/")[-1]
+        out = args.data[0].resolve().parent.parent / "features" / slug
+    result = extract_features(args.data, out, model=args.model, detail_layers=args.layers, semantic_layer=args.final,
+                              merge=args.merge, batch_size=args.batch_size, shard_size=args.shard_size, cpu=args.cpu,
+                              progress=not args.quiet)
+    print(result.summary())
+    return 0
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="run the whole chain on simulated data (what `make demo` runs)")
     p.add_argument("--out", default=Path("runs/demo"), type=Path, help="output folder (default: runs/demo)")
@@ -151,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_simulate(sub)
     _add_prepare(sub)
+    _add_extract(sub)
     _add_demo(sub)
     return parser
 
@@ -162,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
     try:
         return args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError, OSError) as exc:
+    except (ValueError, KeyError, FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError,
+            OSError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"brainmclip {args.command}: error: {message}", file=sys.stderr)
         return 1
