@@ -168,6 +168,101 @@ def _run_extract(args) -> int:
     return 0
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a decoder (BrainMCLIP or ridge) on a prepared dataset + feature store")
+    p.add_argument("--data", required=True, type=Path, help="prepared dataset folder")
+    p.add_argument("--features", required=True, type=Path, help="CLIP feature store folder")
+    p.add_argument("--config", action="append", default=None,
+                   help="config name or JSON path; repeat to layer files (default: brain_mclip). Names: "
+                        "brain_mclip, brain_mclip_tiny, brain_mclip_24gb, ablations/text_only, ...")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=5")
+    p.add_argument("--method", default="brain_mclip", choices=("brain_mclip", "ridge"))
+    p.add_argument("--out", required=True, type=Path, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--stop-after-steps", type=int, help="stop (with a checkpoint) after this many steps")
+    p.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is present")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    if args.method == "ridge":
+        from brainmclip.training.ridge_fit import train_ridge
+
+        result = train_ridge(args.data, args.features, args.out, overrides=args.overrides, progress=not args.quiet)
+    else:
+        from brainmclip.training.loop import train_brain_mclip
+
+        result = train_brain_mclip(args.data, args.features, args.config or ["brain_mclip"], args.out,
+                                   resume=args.resume, overrides=args.overrides, stop_after_steps=args.stop_after_steps,
+                                   cpu=args.cpu, progress=not args.quiet)
+    print(result.summary())
+    return 0
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="a run's predicted embeddings for one split (shared prediction format)")
+    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--out", type=Path, help="prediction folder (default: RUN/predictions_<split>)")
+    p.add_argument("--data", type=Path, help="prepared dataset (default: the one the run was trained on)")
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args) -> int:
+    from brainmclip.models.predictions import load_predictions
+    from brainmclip.training.predict import predict
+
+    out = predict(args.run, args.split, args.out, args.data)
+    pred = load_predictions(out)
+    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k in ("image", "text", "image_semantic", "image_detail")
+                       if (v := getattr(pred, k)) is not None)
+    print(f"{pred.method} predictions for subject {pred.subject} {pred.split} at {out}: {len(pred)} images; {shapes}")
+    return 0
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="parameters of a decoder config per module and in total")
+    p.add_argument("--config", action="append", default=None, help="as for train (default: brain_mclip)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--data", type=Path, help="prepared dataset (gives the voxel counts)")
+    p.add_argument("--semantic-voxels", type=int, help="without --data: width of F_S")
+    p.add_argument("--detail-voxels", type=int, help="without --data: width of F_D")
+    p.add_argument("--embed-dim", type=int, default=768)
+    p.set_defaults(func=_run_info)
+
+
+def _run_info(args) -> int:
+    from brainmclip.config import load_config
+    from brainmclip.models.brain_mclip import BrainMCLIP, BrainMCLIPConfig
+
+    cfg = load_config(args.config or ["brain_mclip"], args.overrides)
+    data_cfg = cfg.get("data", {})
+    if args.data:
+        from brainmclip.data.prepared import load_prepared
+
+        voxels = load_prepared(args.data, images=False).voxels
+        n_s = len(voxels.group(data_cfg.get("semantic_group", "semantic")))
+        n_d = len(voxels.group(data_cfg.get("detail_group", "detail")))
+    elif args.semantic_voxels and args.detail_voxels:
+        n_s, n_d = args.semantic_voxels, args.detail_voxels
+    else:
+        raise ValueError("pass --data PREPARED or both --semantic-voxels and --detail-voxels")
+    # Build on the meta device: counts without allocating 3 GB of weights.
+    import torch
+
+    with torch.device("meta"):
+        model = BrainMCLIP(BrainMCLIPConfig.from_dict({**cfg.get("model", {}), "n_semantic_voxels": n_s,
+                                                       "n_detail_voxels": n_d, "embed_dim": args.embed_dim}))
+    counts = model.parameter_counts()
+    print(f"BrainMCLIP ({' + '.join(args.config or ['brain_mclip'])}): F_S {n_s} voxels, F_D {n_d} voxels, "
+          f"hidden {model.config.hidden_dim}, embed {args.embed_dim}")
+    for name, value in counts.items():
+        print(f"  {name:<24} {value:>14,d}  ({value / 1e6:8.1f}M)")
+    print(f"  paper: 0.73B; this config: {counts['total'] / 1e9:.3f}B ({100 * (counts['total'] / 0.73e9 - 1):+.0f}%)")
+    return 0
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="run the whole chain on simulated data (what `make demo` runs)")
     p.add_argument("--out", default=Path("runs/demo"), type=Path, help="output folder (default: runs/demo)")
@@ -192,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate(sub)
     _add_prepare(sub)
     _add_extract(sub)
+    _add_train(sub)
+    _add_predict(sub)
+    _add_info(sub)
     _add_demo(sub)
     return parser
 
@@ -200,7 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    # The terminal shows `level`; log files that stages attach (train.log, simulate.log) always get INFO.
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(level)
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=min(level, logging.INFO), handlers=[console], force=True)
     try:
         return args.func(args)
     except (ValueError, KeyError, FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FmriSamples"]
+__all__ = ["DecodedEmbeddings", "FmriSamples"]
 
 
 @dataclass(frozen=True)
@@ -54,3 +54,38 @@ class FmriSamples:
     @property
     def n_repeats(self) -> np.ndarray:
         return (self.trial_ids >= 0).sum(1)
+
+
+@dataclass(frozen=True)
+class DecodedEmbeddings:
+    """Predicted CLIP embeddings of one subject's test (or val) images, from any method.
+
+    Attributes
+    ----------
+    stimulus_ids : int64 array of shape (n_images,)
+        0-based NSD index of each row.
+    image : float array of shape (n_images, 257, embed_dim)
+        Ê_I, the fused image embedding Versatile Diffusion is conditioned on.
+    text : float array of shape (n_images, 77, embed_dim) or None
+        Ê_T, the text embedding.
+    image_semantic, image_detail : float arrays like ``image`` or None
+        The image branch's two parts (ê_I,S and ê_I,D) when the method has them.
+    subject : int
+    split : str
+    method : str
+    manifest : dict
+        Where the predictions came from (run, data and feature identities, settings).
+    """
+
+    stimulus_ids: np.ndarray
+    image: np.ndarray
+    text: np.ndarray | None
+    image_semantic: np.ndarray | None
+    image_detail: np.ndarray | None
+    subject: int
+    split: str
+    method: str
+    manifest: dict
+
+    def __len__(self) -> int:
+        return len(self.stimulus_ids)

@@ -1,0 +1,159 @@
+"""BrainMCLIP (AAAI 2026): fMRI from low/high-level visual areas to multi-layer CLIP embeddings.
+
+Text branch:  b_S = E_S(F_S);  Ê_T = D_T(backbone_T(b_S));  D_S(b_S) reconstructs F_S.
+Image branch: b_I,S = E_I,S(F_S), b_I,D = E_I,D(F_D); one shared backbone and one shared
+fMRI-image decoder D_I give ê_I,S = D_I(backbone(b_I,S)) and ê_I,D = D_I(backbone(b_I,D));
+Ê_I = (ê_I,S + ê_I,D) / 2. D_I,S and D_I,D reconstruct F_S and F_D from either code: the
+crossed pairs (D_I,D(b_I,S) vs F_D, D_I,S(b_I,D) vs F_S) are the cross-reconstruction.
+F_S are the high-level (floc) voxels, F_D the low- and high-level ones (SPEC sections 2, 5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from torch import Tensor, nn
+
+from brainmclip.models.layers import EncoderBlock, ResidualMlpBlock, TokenHead, count_parameters
+
+__all__ = ["BrainMCLIPConfig", "BrainMCLIP", "BrainMCLIPOutput", "BRANCHES"]
+
+# Which branches a model has: the paper's Table 3 ablations are these switches.
+BRANCHES = ("text", "image_semantic", "image_detail")
+
+
+@dataclass
+class BrainMCLIPConfig:
+    """Sizes and switches of a BrainMCLIP model (saved with every checkpoint).
+
+    Attributes
+    ----------
+    n_semantic_voxels, n_detail_voxels : int
+        Widths of F_S and F_D; filled in from the prepared dataset's voxel groups.
+    hidden_dim : int
+        Width of every encoder output and backbone.
+    image_tokens, text_tokens, embed_dim : int
+        Target shapes (257 x 768 and 77 x 768 for CLIP ViT-L/14); filled in from the feature store.
+    dropout : float
+        After each encoder and inside each backbone block.
+    backbone_blocks : int
+        Residual MLP blocks per backbone (the paper's "two-layer MLP-based backbone").
+    head_rank : int
+        0 = dense linear output heads (default, the paper); r > 0 = rank-r heads for small GPUs.
+    branches : list of str
+        Subset of ``BRANCHES``. All three is the full model; ["text"] is text only; ["text",
+        "image_semantic"] and ["text", "image_detail"] are the single-path image ablations.
+    cross_reconstruction : bool
+        Decode each image code into the other group's voxels (off: self-reconstruction only).
+    """
+
+    n_semantic_voxels: int = 0
+    n_detail_voxels: int = 0
+    hidden_dim: int = 2560
+    image_tokens: int = 257
+    text_tokens: int = 77
+    embed_dim: int = 768
+    dropout: float = 0.15
+    backbone_blocks: int = 2
+    head_rank: int = 0
+    branches: list[str] = field(default_factory=lambda: list(BRANCHES))
+    cross_reconstruction: bool = True
+
+    def __post_init__(self):
+        unknown = set(self.branches) - set(BRANCHES)
+        if unknown or not self.branches:
+            raise ValueError(f"branches={self.branches!r}; choose a non-empty subset of {list(BRANCHES)}")
+        if self.cross_reconstruction and not {"image_semantic", "image_detail"} <= set(self.branches):
+            # Cross-reconstruction needs both image codes; single-path ablations switch it off.
+            self.cross_reconstruction = False
+
+    @property
+    def has_image(self) -> bool:
+        return any(b.startswith("image") for b in self.branches)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BrainMCLIPConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"Unknown BrainMCLIP config keys {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
+
+
+@dataclass
+class BrainMCLIPOutput:
+    """Predictions and fMRI reconstructions of one forward pass.
+
+    ``text`` (n, 77, D), ``image`` (n, 257, D) and its parts are None for branches a model
+    lacks. ``reconstructions`` maps a name to (prediction, which input it reconstructs:
+    'semantic' = F_S or 'detail' = F_D).
+    """
+
+    text: Tensor | None
+    image: Tensor | None
+    image_semantic: Tensor | None
+    image_detail: Tensor | None
+    reconstructions: dict[str, tuple[Tensor, str]]
+
+
+def _backbone(dim: int, blocks: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(*[ResidualMlpBlock(dim, dropout) for _ in range(blocks)])
+
+
+class BrainMCLIP(nn.Module):
+    def __init__(self, config: BrainMCLIPConfig):
+        super().__init__()
+        if config.n_semantic_voxels < 1 or config.n_detail_voxels < 1:
+            raise ValueError("n_semantic_voxels and n_detail_voxels must be set (from the prepared dataset)")
+        self.config = c = config
+        h, ns, nd = c.hidden_dim, c.n_semantic_voxels, c.n_detail_voxels
+        if "text" in c.branches:
+            self.text_encoder = EncoderBlock(ns, h, c.dropout)          # E_S
+            self.text_fmri_decoder = nn.Linear(h, ns)                    # D_S
+            self.text_backbone = _backbone(h, c.backbone_blocks, c.dropout)
+            self.text_head = TokenHead(h, c.text_tokens, c.embed_dim, c.head_rank)  # D_T
+        if "image_semantic" in c.branches:
+            self.image_semantic_encoder = EncoderBlock(ns, h, c.dropout)  # E_I,S
+            self.image_semantic_decoder = nn.Linear(h, ns)                # D_I,S
+        if "image_detail" in c.branches:
+            self.image_detail_encoder = EncoderBlock(nd, h, c.dropout)    # E_I,D
+            self.image_detail_decoder = nn.Linear(h, nd)                  # D_I,D
+        if c.has_image:
+            self.image_backbone = _backbone(h, c.backbone_blocks, c.dropout)
+            self.image_head = TokenHead(h, c.image_tokens, c.embed_dim, c.head_rank)  # D_I
+
+    def forward(self, semantic: Tensor, detail: Tensor) -> BrainMCLIPOutput:
+        """``semantic`` = F_S (n, n_semantic_voxels), ``detail`` = F_D (n, n_detail_voxels)."""
+        c = self.config
+        recs: dict[str, tuple[Tensor, str]] = {}
+        text = image = image_s = image_d = None
+        if "text" in c.branches:
+            b_s = self.text_encoder(semantic)
+            recs["text_self"] = (self.text_fmri_decoder(b_s), "semantic")
+            text = self.text_head(self.text_backbone(b_s))
+        if "image_semantic" in c.branches:
+            b_is = self.image_semantic_encoder(semantic)
+            recs["image_semantic_self"] = (self.image_semantic_decoder(b_is), "semantic")
+            image_s = self.image_head(self.image_backbone(b_is))
+        if "image_detail" in c.branches:
+            b_id = self.image_detail_encoder(detail)
+            recs["image_detail_self"] = (self.image_detail_decoder(b_id), "detail")
+            image_d = self.image_head(self.image_backbone(b_id))
+        if c.cross_reconstruction:
+            recs["cross_semantic_to_detail"] = (self.image_detail_decoder(b_is), "detail")
+            recs["cross_detail_to_semantic"] = (self.image_semantic_decoder(b_id), "semantic")
+        if image_s is not None and image_d is not None:
+            image = (image_s + image_d) / 2
+        else:
+            image = image_s if image_s is not None else image_d
+        return BrainMCLIPOutput(text, image, image_s, image_d, recs)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per top-level module and in total."""
+        counts = {name: count_parameters(module) for name, module in self.named_children()}
+        counts["total"] = count_parameters(self)
+        return counts
+

@@ -1,0 +1,57 @@
+"""Building blocks shared by the decoders."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+__all__ = ["EncoderBlock", "ResidualMlpBlock", "TokenHead", "count_parameters"]
+
+
+class EncoderBlock(nn.Module):
+    """fMRI -> hidden: Linear -> LayerNorm -> GELU -> Dropout."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float):
+        super().__init__()
+        self.linear = nn.Linear(in_dim, out_dim)
+        self.norm = nn.LayerNorm(out_dim)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.act(self.norm(self.linear(x))))
+
+
+class ResidualMlpBlock(nn.Module):
+    """x + Dropout(GELU(LayerNorm(Linear(x))))."""
+
+    def __init__(self, dim: int, dropout: float):
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.drop(self.act(self.norm(self.linear(x))))
+
+
+class TokenHead(nn.Module):
+    """hidden -> (tokens, embed_dim) with one linear map (default) or through a rank-r bottleneck.
+
+    The dense head dominates the parameter count (hidden x 257 x 768); the low-rank option
+    trades accuracy for memory on small GPUs and is never the default.
+    """
+
+    def __init__(self, in_dim: int, tokens: int, embed_dim: int, rank: int = 0):
+        super().__init__()
+        self.tokens, self.embed_dim = tokens, embed_dim
+        out = tokens * embed_dim
+        self.proj = nn.Sequential(nn.Linear(in_dim, rank, bias=False), nn.Linear(rank, out)) if rank else \
+            nn.Linear(in_dim, out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).view(*x.shape[:-1], self.tokens, self.embed_dim)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

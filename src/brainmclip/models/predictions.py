@@ -1,0 +1,77 @@
+"""The prediction format every decoder writes and every later stage reads.
+
+    PRED/manifest.json           method, subject, split, identities of run, data and features
+    PRED/stimulus_ids.npy        int64 (n,)
+    PRED/image.npy               float16 (n, 257, embed_dim)   Ê_I
+    PRED/text.npy                float16 (n, 77, embed_dim)    Ê_T (optional)
+    PRED/image_semantic.npy      float16 (n, 257, embed_dim)   ê_I,S (optional)
+    PRED/image_detail.npy        float16 (n, 257, embed_dim)   ê_I,D (optional)
+
+Files are staged and renamed; the manifest is written last with ``"complete": true``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from brainmclip.atomic import TEMP_MARKER, write_json_atomic
+from brainmclip.types import DecodedEmbeddings
+
+__all__ = ["PREDICTION_FORMAT", "PREDICTION_ARRAYS", "write_predictions", "load_predictions"]
+
+PREDICTION_FORMAT = "brainmclip-predictions/1"
+PREDICTION_ARRAYS = ("image", "text", "image_semantic", "image_detail")
+
+
+def write_predictions(out: str | os.PathLike, stimulus_ids: np.ndarray, arrays: dict[str, np.ndarray],
+                      manifest: dict) -> Path:
+    """Write predictions; ``arrays`` needs 'image' and may hold the other :data:`PREDICTION_ARRAYS`."""
+    out = Path(out)
+    unknown = set(arrays) - set(PREDICTION_ARRAYS)
+    if unknown or "image" not in arrays:
+        raise ValueError(f"prediction arrays {sorted(arrays)}; expected 'image' and optionally {PREDICTION_ARRAYS[1:]}")
+    ids = np.asarray(stimulus_ids, np.int64)
+    for name, value in arrays.items():
+        if value.ndim != 3 or len(value) != len(ids):
+            raise ValueError(f"{name}: shape {value.shape}; expected ({len(ids)}, tokens, embed_dim)")
+        if not np.isfinite(value).all():
+            raise ValueError(f"{name}: predictions hold NaN or inf; refusing to write them")
+    stage = out / f".staging{TEMP_MARKER}{os.getpid()}"
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    np.save(stage / "stimulus_ids.npy", ids)
+    for name, value in arrays.items():
+        np.save(stage / f"{name}.npy", np.asarray(value, np.float16))
+    (out / "manifest.json").unlink(missing_ok=True)
+    for path in stage.iterdir():
+        os.replace(path, out / path.name)
+    for name in PREDICTION_ARRAYS:  # arrays of an earlier, different prediction
+        if name not in arrays:
+            (out / f"{name}.npy").unlink(missing_ok=True)
+    stage.rmdir()
+    shapes = {name: list(value.shape) for name, value in arrays.items()}
+    write_json_atomic(out / "manifest.json", {**manifest, "format": PREDICTION_FORMAT, "shapes": shapes,
+                                              "n_images": len(ids), "complete": True})
+    return out
+
+
+def load_predictions(path: str | os.PathLike, mmap: bool = True) -> DecodedEmbeddings:
+    root = Path(path)
+    manifest_file = root / "manifest.json"
+    if not manifest_file.is_file():
+        raise FileNotFoundError(f"{manifest_file}: missing; {root} holds no predictions (run brainmclip predict)")
+    manifest = json.loads(manifest_file.read_text())
+    if manifest.get("format") != PREDICTION_FORMAT or not manifest.get("complete"):
+        raise ValueError(f"{manifest_file}: not a complete {PREDICTION_FORMAT} manifest")
+    mode = "r" if mmap else None
+    arrays = {name: np.load(root / f"{name}.npy", mmap_mode=mode) if (root / f"{name}.npy").exists() else None
+              for name in PREDICTION_ARRAYS}
+    return DecodedEmbeddings(stimulus_ids=np.load(root / "stimulus_ids.npy"), subject=int(manifest.get("subject", 0)),
+                             split=manifest.get("split", "test"), method=manifest.get("method", "unknown"),
+                             manifest=manifest, **arrays)

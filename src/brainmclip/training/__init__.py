@@ -1,0 +1,1 @@
+"""Training and prediction for the decoders (BrainMCLIP, ridge)."""

@@ -1,0 +1,55 @@
+"""Paired batches: fMRI rows of a prepared split with their CLIP targets from the feature store."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from brainmclip.data.prepared import PreparedSubject
+from brainmclip.features.feature_store import TARGETS, FeatureStore
+
+__all__ = ["PairedSplit"]
+
+
+class PairedSplit:
+    """One split of a prepared dataset, joined to the feature store by NSD id.
+
+    ``fetch(rows)`` returns float32 tensors: ``semantic`` F_S (n, n_semantic_voxels),
+    ``detail`` F_D (n, n_detail_voxels) and each target (n, tokens, embed_dim).
+    """
+
+    def __init__(self, prepared: PreparedSubject, split: str, store: FeatureStore | None,
+                 semantic_group: str = "semantic", detail_group: str = "detail"):
+        self.samples = prepared.splits[split]
+        self.semantic_idx = prepared.voxels.group(semantic_group)
+        self.detail_idx = prepared.voxels.group(detail_group)
+        if len(self.semantic_idx) == 0 or len(self.detail_idx) == 0:
+            raise ValueError(f"{prepared.root}: voxel group {semantic_group!r} or {detail_group!r} is empty")
+        self.store = store
+        if store is not None:
+            missing = store.missing(np.unique(self.samples.stimulus_ids))
+            if len(missing):
+                raise ValueError(f"feature store {store.root} lacks {len(missing)} images of {prepared.root} {split} "
+                                 f"(first NSD id {missing[0]}); run brainmclip extract on this dataset")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def stimulus_ids(self) -> np.ndarray:
+        return self.samples.stimulus_ids
+
+    def fmri(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        order = np.argsort(rows)
+        betas = np.empty((len(rows), self.samples.n_voxels), np.float32)
+        betas[order] = self.samples.betas[rows[order]]  # sorted reads from the memory map
+        return torch.from_numpy(betas[:, self.semantic_idx]), torch.from_numpy(betas[:, self.detail_idx])
+
+    def fetch(self, rows: np.ndarray, targets=TARGETS) -> dict[str, torch.Tensor]:
+        rows = np.asarray(rows)
+        semantic, detail = self.fmri(rows)
+        batch = {"semantic": semantic, "detail": detail}
+        if self.store is not None:
+            feats = self.store.get(self.samples.stimulus_ids[rows], targets)
+            batch.update({k: torch.from_numpy(v) for k, v in feats.items()})
+        return batch

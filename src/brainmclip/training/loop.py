@@ -1,0 +1,324 @@
+"""Training BrainMCLIP: AdamW + OneCycle, accelerate (multi-GPU, bf16 on GPU), resumable.
+
+Reads top to bottom: build data and model, then for each epoch a seeded permutation of the
+training rows is cut into batches; every optimizer step may end in a checkpoint; each epoch
+ends with a validation pass that keeps the best model. A run killed at any point restarts
+from its last checkpoint and reaches the same weights an uninterrupted run reaches, because
+the data order depends on (seed, epoch) only and the RNG state travels in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from brainmclip import __version__
+from brainmclip.atomic import atomic_path, write_json_atomic
+from brainmclip.config import load_config
+from brainmclip.data.prepared import load_prepared
+from brainmclip.evaluation.retrieval import similarity_matrix, top1_n_way
+from brainmclip.features.feature_store import open_feature_store
+from brainmclip.losses.brain_mclip_objective import ObjectiveConfig, brain_mclip_objective
+from brainmclip.models.brain_mclip import BrainMCLIP, BrainMCLIPConfig
+from brainmclip.training.checkpoint import identity_of, load_checkpoint, save_checkpoint
+from brainmclip.training.data import PairedSplit
+
+__all__ = ["RUN_FILE", "TrainConfig", "TrainResult", "build_model", "load_best_model", "train_brain_mclip"]
+
+log = logging.getLogger("brainmclip.train")
+RUN_FILE = "run.json"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (saved with every checkpoint).
+
+    ``max_steps`` > 0 caps the optimizer steps (for quick runs); ``checkpoint_every`` is in
+    optimizer steps; ``patience`` epochs without a better validation loss stop the run.
+    """
+
+    epochs: int = 30
+    batch_size: int = 32
+    max_lr: float = 3e-4
+    weight_decay: float = 0.01
+    pct_start: float = 0.1
+    grad_accum: int = 1
+    seed: int = 0
+    mixed_precision: str = "bf16"
+    patience: int = 6
+    checkpoint_every: int = 200
+    log_every: int = 20
+    max_steps: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"Unknown train config keys {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    best_val_loss: float
+    best_epoch: int
+    steps: int
+    finished: bool
+    val_retrieval: float
+    parameters: dict[str, int]
+
+    def summary(self) -> str:
+        return (f"BrainMCLIP run at {self.run_dir}: {self.steps} steps, best val loss {self.best_val_loss:.4f} "
+                f"(epoch {self.best_epoch}), val image retrieval top-1 {self.val_retrieval:.3f}, "
+                f"{self.parameters['total'] / 1e6:.1f}M parameters" + ("" if self.finished else " (stopped early; "
+                                                                      "rerun with --resume to continue)"))
+
+
+def build_model(model_cfg: dict, prepared, store_settings: dict, data_cfg: dict) -> BrainMCLIP:
+    config = BrainMCLIPConfig.from_dict({
+        **model_cfg,
+        "n_semantic_voxels": len(prepared.voxels.group(data_cfg.get("semantic_group", "semantic"))),
+        "n_detail_voxels": len(prepared.voxels.group(data_cfg.get("detail_group", "detail"))),
+        "image_tokens": store_settings["image_tokens"],
+        "text_tokens": store_settings["text_tokens"],
+        "embed_dim": store_settings["embed_dim"],
+    })
+    return BrainMCLIP(config)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float):
+    # No decay on biases and LayerNorm weights (1-D parameters), as usual for transformers/MLPs.
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[np.ndarray]:
+    """This process's batches of the epoch: a permutation fixed by (seed, epoch), cut into global batches."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    step = batch_size * world
+    # Drop a last global batch too small to split over processes or to estimate CKA (n >= 2).
+    starts = [s for s in range(0, n, step) if min(step, n - s) >= 2 * world]
+    return [perm[s:s + step][rank::world] for s in starts]
+
+
+@torch.no_grad()
+def _validate(model, split: PairedSplit, loss_cfg: ObjectiveConfig, device, batch_size: int = 64):
+    model.eval()
+    total, n, images, targets = 0.0, 0, [], []
+    for start in range(0, len(split), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(split)))
+        if len(rows) < 2:
+            continue
+        batch = {k: v.to(device) for k, v in split.fetch(rows).items()}
+        out = model(batch["semantic"], batch["detail"])
+        loss, _ = brain_mclip_objective(out, batch, batch["semantic"], batch["detail"], loss_cfg)
+        total += float(loss) * len(rows)
+        n += len(rows)
+        if out.image is not None:
+            images.append(out.image.float().cpu())
+            targets.append(((batch["image_semantic"] + batch["image_detail"]) / 2).cpu())
+    model.train()
+    retrieval = float("nan")
+    if images:
+        sim = similarity_matrix(torch.cat(images).numpy(), torch.cat(targets).numpy())
+        retrieval = top1_n_way(sim, n_way=min(300, len(sim)), n_repeats=5, seed=0)["image_retrieval"]["mean"]
+    return total / max(n, 1), retrieval
+
+
+def train_brain_mclip(data, features, config: dict | str | list[str], out, resume: bool = False,
+                      overrides: list[str] | None = None, stop_after_steps: int | None = None, cpu: bool = False,
+                      progress: bool = True) -> TrainResult:
+    """Train BrainMCLIP on a prepared dataset and feature store into the run folder ``out``.
+
+    ``config`` is a config dict or names/paths of config files (see :mod:`brainmclip.config`).
+    ``stop_after_steps`` ends this call after that many optimizer steps with a checkpoint, as
+    a preempted job would; ``resume=True`` continues from the run's last checkpoint.
+    """
+    from accelerate import Accelerator
+    from torch.utils.tensorboard import SummaryWriter
+
+    out = Path(out)
+    last_ckpt = out / "checkpoint_last.pt"
+    if resume:
+        if not last_ckpt.is_file():
+            raise FileNotFoundError(f"{last_ckpt}: nothing to resume; start the run without --resume")
+        state = load_checkpoint(last_ckpt)
+        cfg = state["config"]
+    else:
+        if (out / RUN_FILE).exists():
+            raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        cfg = load_config(config, overrides) if not isinstance(config, dict) else config
+        state = None
+    if cfg.get("method", "brain_mclip") != "brain_mclip":
+        raise ValueError(f"config method={cfg.get('method')!r}; train_brain_mclip needs 'brain_mclip'")
+    train_cfg = TrainConfig.from_dict(cfg.get("train", {}))
+    loss_cfg = ObjectiveConfig.from_dict(cfg.get("loss", {}))
+    data_cfg = cfg.get("data", {})
+
+    prepared = load_prepared(data)
+    store = open_feature_store(features)
+    identities = {"data": identity_of(Path(data) / "manifest.json"),
+                  "features": identity_of(Path(features) / "manifest.json")}
+    if state is not None and state["identities"] != identities:
+        raise ValueError(f"{out}: the checkpoint was trained on other data or features "
+                         f"({state['identities']['data']['path']}, {state['identities']['features']['path']})")
+    train_split = PairedSplit(prepared, "train", store, data_cfg.get("semantic_group", "semantic"),
+                              data_cfg.get("detail_group", "detail"))
+    val_split = PairedSplit(prepared, "val", store, data_cfg.get("semantic_group", "semantic"),
+                            data_cfg.get("detail_group", "detail"))
+
+    # bf16 autocast on GPU only: bf16 matmuls are very slow on these CPUs.
+    use_bf16 = train_cfg.mixed_precision == "bf16" and torch.cuda.is_available() and not cpu
+    accelerator = Accelerator(cpu=cpu, mixed_precision="bf16" if use_bf16 else "no")
+    torch.manual_seed(train_cfg.seed)
+    model = build_model(cfg.get("model", {}), prepared, store.manifest["settings"], data_cfg)
+    optimizer = torch.optim.AdamW(_param_groups(model, train_cfg.weight_decay), lr=train_cfg.max_lr)
+    world = accelerator.num_processes
+    steps_per_epoch = max(1, len(_batches(len(train_split), train_cfg.batch_size, 0, 0, 0, world))
+                          // train_cfg.grad_accum)
+    total_steps = steps_per_epoch * train_cfg.epochs
+    if train_cfg.max_steps:
+        total_steps = min(total_steps, train_cfg.max_steps)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train_cfg.max_lr, total_steps=total_steps,
+                                                    pct_start=train_cfg.pct_start)
+    progress_state = {"epoch": 0, "batch": 0, "step": 0, "best_val": math.inf, "best_epoch": -1,
+                      "bad_epochs": 0, "val_retrieval": float("nan"), "finished": False}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        progress_state.update(state["progress"])
+        torch.set_rng_state(state["torch_rng"])
+    model, optimizer = accelerator.prepare(model, optimizer)
+    device = accelerator.device
+    main = accelerator.is_main_process
+
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        counts = accelerator.unwrap_model(model).parameter_counts()
+        write_json_atomic(out / RUN_FILE, {"method": "brain_mclip", "config": cfg, "identities": identities,
+                                           "data": str(Path(data).resolve()), "features": str(Path(features).resolve()),
+                                           "subject": prepared.subject, "parameters": counts,
+                                           "model_config": accelerator.unwrap_model(model).config.to_dict(),
+                                           "code_version": __version__})
+        handler = logging.FileHandler(out / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        writer = SummaryWriter(str(out / "tensorboard"))
+        log.info("%s BrainMCLIP with %.1fM parameters; %d train / %d val rows; %d steps",
+                 "resuming" if resume else "training", counts["total"] / 1e6, len(train_split), len(val_split),
+                 total_steps)
+
+    def checkpoint():
+        if main:
+            save_checkpoint(last_ckpt, {
+                "model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "progress": dict(progress_state), "config": cfg,
+                "identities": identities, "torch_rng": torch.get_rng_state(), "code_version": __version__})
+        accelerator.wait_for_everyone()
+
+    p = progress_state
+    bar = tqdm(total=total_steps, initial=p["step"], desc="train", unit="step", disable=not progress or not main)
+    steps_this_call = 0
+    model.train()
+    while p["epoch"] < train_cfg.epochs and p["step"] < total_steps and not p["finished"]:
+        batches = _batches(len(train_split), train_cfg.batch_size, train_cfg.seed, p["epoch"],
+                           accelerator.process_index, world)
+        usable = len(batches) - len(batches) % train_cfg.grad_accum
+        while p["batch"] < usable and p["step"] < total_steps:
+            parts = {}
+            for micro in range(train_cfg.grad_accum):
+                rows = batches[p["batch"] + micro]
+                batch = {k: v.to(device) for k, v in train_split.fetch(rows).items()}
+                with accelerator.autocast():
+                    output = model(batch["semantic"], batch["detail"])
+                    loss, parts = brain_mclip_objective(output, batch, batch["semantic"], batch["detail"], loss_cfg)
+                accelerator.backward(loss / train_cfg.grad_accum)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            p["batch"] += train_cfg.grad_accum
+            p["step"] += 1
+            steps_this_call += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{parts['total']:.4f}", epoch=p["epoch"])
+            if main and p["step"] % train_cfg.log_every == 0:
+                for key, value in parts.items():
+                    writer.add_scalar(f"train/{key}", value, p["step"])
+                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], p["step"])
+            if p["step"] % train_cfg.checkpoint_every == 0 or (stop_after_steps and steps_this_call >= stop_after_steps):
+                checkpoint()
+            if stop_after_steps and steps_this_call >= stop_after_steps:
+                bar.close()
+                if main:
+                    log.info("stopped after %d steps as asked; resume with --resume", steps_this_call)
+                    _close(writer, handler)
+                return _result(out, p, accelerator.unwrap_model(model))
+        # End of epoch: validate, keep the best, stop when it no longer improves.
+        val_loss, val_retrieval = _validate(model, val_split, loss_cfg, device)
+        if main:
+            writer.add_scalar("val/loss", val_loss, p["step"])
+            writer.add_scalar("val/image_retrieval_top1", val_retrieval, p["step"])
+            log.info("epoch %d: val loss %.4f, val image retrieval top-1 %.3f", p["epoch"], val_loss, val_retrieval)
+        if val_loss < p["best_val"]:
+            p.update(best_val=val_loss, best_epoch=p["epoch"], bad_epochs=0, val_retrieval=val_retrieval)
+            if main:
+                _save_best(out, accelerator.unwrap_model(model), cfg)
+        else:
+            p["bad_epochs"] += 1
+            if p["bad_epochs"] >= train_cfg.patience:
+                log.info("no better validation loss for %d epochs; stopping", p["bad_epochs"])
+                p["finished"] = True
+        p["epoch"] += 1
+        p["batch"] = 0
+        checkpoint()
+    p["finished"] = True
+    checkpoint()
+    bar.close()
+    if main:
+        log.info("finished: best val loss %.4f at epoch %d", p["best_val"], p["best_epoch"])
+        _close(writer, handler)
+    return _result(out, p, accelerator.unwrap_model(model))
+
+
+def _close(writer, handler) -> None:
+    writer.close()
+    log.removeHandler(handler)
+    handler.close()
+
+
+def _save_best(out: Path, model: BrainMCLIP, cfg: dict) -> None:
+    with atomic_path(out / "model_best.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
+                  metadata={"config": json.dumps(cfg), "model_config": json.dumps(model.config.to_dict())})
+
+
+def _result(out: Path, p: dict, model: BrainMCLIP) -> TrainResult:
+    return TrainResult(out, p["best_val"], p["best_epoch"], p["step"], p["finished"], p["val_retrieval"],
+                       model.parameter_counts())
+
+
+def load_best_model(run_dir: Path) -> BrainMCLIP:
+    from safetensors import safe_open
+
+    path = Path(run_dir) / "model_best.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; the run has not finished an epoch yet")
+    with safe_open(str(path), framework="pt") as f:
+        model_config = json.loads(f.metadata()["model_config"])
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    model = BrainMCLIP(BrainMCLIPConfig.from_dict(model_config))
+    model.load_state_dict(state)
+    return model.eval()
+

@@ -1,0 +1,88 @@
+"""``predict``: a trained run's embeddings for one split, in the shared prediction format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from brainmclip import __version__
+from brainmclip.data.prepared import load_prepared
+from brainmclip.models.predictions import write_predictions
+from brainmclip.training.checkpoint import identity_of
+from brainmclip.training.data import PairedSplit
+
+__all__ = ["predict", "average_by_stimulus"]
+
+
+def average_by_stimulus(stimulus_ids: np.ndarray, arrays: dict[str, np.ndarray]):
+    """Average rows that show the same image (single-trial data); rows follow first appearance."""
+    _, first, inverse = np.unique(stimulus_ids, return_index=True, return_inverse=True)
+    order = np.argsort(first)  # unique ids in order of first appearance
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    group = rank[inverse]
+    counts = np.bincount(group)
+    out = {}
+    for name, value in arrays.items():
+        sums = np.zeros((len(order), *value.shape[1:]), np.float64)
+        np.add.at(sums, group, value)
+        out[name] = (sums / counts.reshape(-1, *([1] * (value.ndim - 1)))).astype(np.float32)
+    return stimulus_ids[np.sort(first)], out
+
+
+def _read_run(run_dir: Path) -> dict:
+    from brainmclip.training.loop import RUN_FILE
+
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; {run_dir} is not a training run (brainmclip train --out)")
+    return json.loads(path.read_text())
+
+
+@torch.no_grad()
+def _brain_mclip_outputs(run_dir: Path, split: PairedSplit, batch_size: int = 64) -> dict[str, np.ndarray]:
+    from brainmclip.training.loop import load_best_model
+
+    model = load_best_model(run_dir)
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(split), batch_size):
+        semantic, detail = split.fmri(np.arange(start, min(start + batch_size, len(split))))
+        out = model(semantic, detail)
+        for name in ("image", "text", "image_semantic", "image_detail"):
+            value = getattr(out, name)
+            if value is not None:
+                parts.setdefault(name, []).append(value.float().numpy())
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def predict(run_dir, split: str = "test", out=None, data=None) -> Path:
+    """Write the run's predictions for ``split`` of its prepared dataset (or ``data``) to ``out``."""
+    run_dir = Path(run_dir)
+    run = _read_run(run_dir)
+    data = Path(data) if data else Path(run["data"])
+    prepared = load_prepared(data)
+    if split not in prepared.splits:
+        raise ValueError(f"Unknown split={split!r}; choose from {sorted(prepared.splits)}")
+    cfg = run["config"].get("data", {})
+    paired = PairedSplit(prepared, split, None, cfg.get("semantic_group", "semantic"), cfg.get("detail_group", "detail"))
+    if run["method"] == "brain_mclip":
+        arrays = _brain_mclip_outputs(run_dir, paired)
+    elif run["method"] == "ridge":
+        from brainmclip.training.ridge_fit import ridge_outputs
+
+        arrays = ridge_outputs(run_dir, paired)
+    else:
+        raise ValueError(f"{run_dir}: unknown method {run['method']!r}")
+    ids = paired.stimulus_ids
+    averaged = len(np.unique(ids)) < len(ids)
+    if averaged:
+        ids, arrays = average_by_stimulus(ids, arrays)
+    out = Path(out) if out else run_dir / f"predictions_{split}"
+    manifest = {"method": run["method"], "subject": prepared.subject, "split": split, "run": str(run_dir.resolve()),
+                "data": identity_of(data / "manifest.json"), "test_set": prepared.manifest.get("test_set"),
+                "averaged_over_repeats": averaged, "parameters": run.get("parameters", {}),
+                "code_version": __version__}
+    return write_predictions(out, ids, arrays, manifest)

@@ -1,0 +1,105 @@
+"""BrainMCLIP's modules, ablation switches and size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from brainmclip.cli import main
+from brainmclip.config import list_configs, load_config
+from brainmclip.losses.brain_mclip_objective import ObjectiveConfig, brain_mclip_objective
+from brainmclip.models.brain_mclip import BrainMCLIP, BrainMCLIPConfig
+
+ABLATIONS = [name for name in list_configs() if name.startswith("ablations/")]
+
+
+def _batch(n=6, ns=11, nd=17, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"semantic": torch.randn(n, ns, generator=g), "detail": torch.randn(n, nd, generator=g),
+            "image_semantic": torch.randn(n, 257, d, generator=g), "image_detail": torch.randn(n, 257, d, generator=g),
+            "text": torch.randn(n, 77, d, generator=g)}
+
+
+def _model(cfg: dict, ns=11, nd=17, d=8) -> BrainMCLIP:
+    torch.manual_seed(0)
+    return BrainMCLIP(BrainMCLIPConfig.from_dict({**cfg["model"], "hidden_dim": 16, "n_semantic_voxels": ns,
+                                                  "n_detail_voxels": nd, "embed_dim": d}))
+
+
+def test_full_model_outputs_and_cross_reconstruction():
+    model = _model(load_config("brain_mclip_tiny"))
+    b = _batch()
+    out = model(b["semantic"], b["detail"])
+    assert out.text.shape == (6, 77, 8) and out.image.shape == (6, 257, 8)
+    torch.testing.assert_close(out.image, (out.image_semantic + out.image_detail) / 2)
+    # The crossed decoders: the semantic code decodes into detail voxels and vice versa.
+    assert {k: v[1] for k, v in out.reconstructions.items()} == {
+        "text_self": "semantic", "image_semantic_self": "semantic", "image_detail_self": "detail",
+        "cross_semantic_to_detail": "detail", "cross_detail_to_semantic": "semantic"}
+    assert out.reconstructions["cross_semantic_to_detail"][0].shape == (6, 17)
+    # Both image paths share one backbone and one decoder D_I.
+    assert not hasattr(model, "image_semantic_head") and model.image_head.proj.out_features == 257 * 8
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_each_ablation_is_one_switch_that_builds_and_learns(ablation):
+    cfg = load_config(["brain_mclip_tiny", ablation])
+    base = load_config("brain_mclip_tiny")
+    changed = {k for k in cfg if cfg[k] != base[k]}
+    # One section changes; the paper's own loss (MSE + CKA + Sims) is the default, so it changes none.
+    assert changed <= {"model", "loss"} and len(changed) == (0 if ablation.endswith("mse_cka_sims") else 1)
+    model = _model(cfg)
+    loss_cfg = ObjectiveConfig.from_dict(cfg["loss"])
+    b = _batch()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        out = model(b["semantic"], b["detail"])
+        loss, parts = brain_mclip_objective(out, b, b["semantic"], b["detail"], loss_cfg)
+        assert torch.isfinite(loss)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+    if ablation.endswith("text_only"):
+        assert out.image is None and "reconstruction/cross_semantic_to_detail" not in parts
+    if ablation.endswith("no_cross_reconstruction"):
+        assert "reconstruction/cross_detail_to_semantic" not in parts and out.image is not None
+    if ablation.endswith("loss_mse_infonce"):
+        assert "image/infonce" in parts and "image/cka" not in parts
+
+
+def test_default_size_matches_the_paper_within_20_percent(capsys):
+    # nsd simulated preset, subject 1: 3,086 floc voxels (F_S) and 8,747 prf+floc voxels (F_D).
+    assert main(["info", "--semantic-voxels", "3086", "--detail-voxels", "8747"]) == 0
+    text = capsys.readouterr().out
+    total = int(next(line for line in text.splitlines() if line.strip().startswith("total")).split()[1].replace(",", ""))
+    assert 0.8 * 0.73e9 <= total <= 1.2 * 0.73e9
+    # The count printed equals the parameters of the built model (independent count by hand):
+    h, ns, nd, d = 2560, 3086, 8747, 768
+    enc = lambda i: i * h + h + 2 * h  # noqa: E731 - Linear + LayerNorm
+    dec = lambda o: h * o + o  # noqa: E731
+    block = h * h + h + 2 * h
+    by_hand = (enc(ns) + dec(ns) + 2 * block + h * 77 * d + 77 * d  # text branch
+               + enc(ns) + dec(ns) + enc(nd) + dec(nd) + 2 * block + h * 257 * d + 257 * d)  # image branch
+    assert total == by_hand
+
+
+def test_low_memory_presets_are_smaller(capsys):
+    sizes = {}
+    for preset in ("brain_mclip_24gb", "brain_mclip_48gb"):
+        main(["info", "--semantic-voxels", "3086", "--detail-voxels", "8747", "--config", "brain_mclip",
+              "--config", preset])
+        text = capsys.readouterr().out
+        sizes[preset] = int(next(line for line in text.splitlines() if "total" in line).split()[1].replace(",", ""))
+    assert sizes["brain_mclip_24gb"] < sizes["brain_mclip_48gb"] < 0.73e9
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="branches"):
+        BrainMCLIPConfig(branches=["audio"])
+    with pytest.raises(ValueError, match="Unknown config"):
+        load_config("no_such_config")
+    with pytest.raises(ValueError, match="unknown key"):
+        load_config("brain_mclip", ["train.epochz=3"])

@@ -1,0 +1,85 @@
+"""Training, resuming and predicting BrainMCLIP on the tiny simulated NSD."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from brainmclip.cli import main
+from brainmclip.data.prepare import PrepareOptions, prepare_subject
+from brainmclip.evaluation.retrieval import similarity_matrix, top1_n_way
+from brainmclip.features import open_feature_store
+from brainmclip.features.extract import extract_features
+from brainmclip.models.predictions import load_predictions
+from brainmclip.training.checkpoint import load_checkpoint
+from brainmclip.training.loop import train_brain_mclip
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tiny_nsd, tmp_path_factory):
+    base = tmp_path_factory.mktemp("train")
+    prepared = prepare_subject(tiny_nsd.root, 1, base / "prepared", PrepareOptions(), progress=False)
+    extract_features([prepared.root], base / "features", model="tiny", progress=False)
+    return prepared.root, base / "features"
+
+
+def test_train_predict_and_retrieve_above_chance(tiny_data, tmp_path, capsys):
+    data, features = tiny_data
+    run = tmp_path / "run"
+    assert main(["-q", "train", "--data", str(data), "--features", str(features), "--config", "brain_mclip_tiny",
+                 "--set", "train.epochs=16", "--set", "train.patience=16", "--out", str(run)]) == 0
+    assert "BrainMCLIP run" in capsys.readouterr().out
+    assert main(["-q", "predict", "--run", str(run), "--split", "test"]) == 0
+    pred = load_predictions(run / "predictions_test")
+    store = open_feature_store(features)
+    targets = store.get(pred.stimulus_ids)
+    fused = (targets["image_semantic"] + targets["image_detail"]) / 2
+    sim = similarity_matrix(np.asarray(pred.image, np.float32), fused)
+    # 181 training images are few: top-1 among 40 is noisy, so check where the true image ranks.
+    # Chance puts it at the 50th percentile of the candidates.
+    percentile = np.mean([(sim[i] < sim[i, i]).sum() / (len(sim) - 1) for i in range(len(sim))])
+    assert percentile > 0.65
+    assert top1_n_way(sim, n_way=len(pred), n_repeats=1)["image_retrieval"]["mean"] >= 1 / len(pred)
+    assert pred.text.shape[1:] == (77, 32) and pred.manifest["method"] == "brain_mclip"
+    state = load_checkpoint(run / "checkpoint_last.pt")  # weights-only load works
+    assert state["config"]["model"]["hidden_dim"] == 128 and state["identities"]["features"]["format"]
+    assert list((run / "tensorboard").glob("events.*"))
+
+
+def test_resume_mid_epoch_gives_the_uninterrupted_result(tiny_data, tmp_path):
+    data, features = tiny_data
+    overrides = ["train.epochs=2", "train.checkpoint_every=1000", "model.hidden_dim=32"]
+    full = train_brain_mclip(data, features, ["brain_mclip_tiny"], tmp_path / "full", overrides=overrides,
+                             progress=False)
+    part = train_brain_mclip(data, features, ["brain_mclip_tiny"], tmp_path / "part", overrides=overrides,
+                             stop_after_steps=3, progress=False)
+    assert not part.finished and part.steps == 3  # stopped inside epoch 0 (5 batches per epoch)
+    resumed = train_brain_mclip(data, features, None, tmp_path / "part", resume=True, progress=False)
+    assert resumed.steps == full.steps and resumed.finished
+    a = load_checkpoint(tmp_path / "full" / "checkpoint_last.pt")["model"]
+    b = load_checkpoint(tmp_path / "part" / "checkpoint_last.pt")["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_brain_mclip(data, features, ["brain_mclip_tiny"], tmp_path / "full", progress=False)
+
+
+@pytest.mark.slow
+def test_two_processes_train_together(tiny_data, tmp_path):
+    data, features = tiny_data
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29533", "-m", "brainmclip.cli", "-q", "train",
+           "--data", str(data), "--features", str(features), "--config", "brain_mclip_tiny", "--set",
+           "train.epochs=2", "--out", str(tmp_path / "ddp"), "--cpu"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    state = load_checkpoint(tmp_path / "ddp" / "checkpoint_last.pt")
+    # Two processes share each global batch of 32: half the steps of one process per epoch.
+    assert state["progress"]["finished"] and state["progress"]["step"] == 2 * 5
