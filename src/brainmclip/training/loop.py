@@ -317,7 +317,7 @@ def load_best_model(run_dir: Path) -> BrainMCLIP:
         raise FileNotFoundError(f"{path}: missing; the run has not finished an epoch yet")
     with safe_open(str(path), framework="pt") as f:
         model_config = json.loads(f.metadata()["model_config"])
-        state = {k: f.get_tensor(k) for k in f.keys()}
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
     model = BrainMCLIP(BrainMCLIPConfig.from_dict(model_config))
     model.load_state_dict(state)
     return model.eval()
