@@ -64,8 +64,9 @@ class DecodedEmbeddings:
     ----------
     stimulus_ids : int64 array of shape (n_images,)
         0-based NSD index of each row.
-    image : float array of shape (n_images, 257, embed_dim)
-        Ê_I, the fused image embedding Versatile Diffusion is conditioned on.
+    image : float array of shape (n_images, 257, embed_dim) or None
+        Ê_I, the fused image embedding Versatile Diffusion is conditioned on (None only for
+        text-only models).
     text : float array of shape (n_images, 77, embed_dim) or None
         Ê_T, the text embedding.
     image_semantic, image_detail : float arrays like ``image`` or None
@@ -78,7 +79,7 @@ class DecodedEmbeddings:
     """
 
     stimulus_ids: np.ndarray
-    image: np.ndarray
+    image: np.ndarray | None
     text: np.ndarray | None
     image_semantic: np.ndarray | None
     image_detail: np.ndarray | None

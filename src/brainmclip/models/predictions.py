@@ -2,7 +2,7 @@
 
     PRED/manifest.json           method, subject, split, identities of run, data and features
     PRED/stimulus_ids.npy        int64 (n,)
-    PRED/image.npy               float16 (n, 257, embed_dim)   Ê_I
+    PRED/image.npy               float16 (n, 257, embed_dim)   Ê_I (absent for text-only models)
     PRED/text.npy                float16 (n, 77, embed_dim)    Ê_T (optional)
     PRED/image_semantic.npy      float16 (n, 257, embed_dim)   ê_I,S (optional)
     PRED/image_detail.npy        float16 (n, 257, embed_dim)   ê_I,D (optional)
@@ -30,11 +30,12 @@ PREDICTION_ARRAYS = ("image", "text", "image_semantic", "image_detail")
 
 def write_predictions(out: str | os.PathLike, stimulus_ids: np.ndarray, arrays: dict[str, np.ndarray],
                       manifest: dict) -> Path:
-    """Write predictions; ``arrays`` needs 'image' and may hold the other :data:`PREDICTION_ARRAYS`."""
+    """Write predictions; ``arrays`` needs 'image' or 'text' (text-only ablations have no image)."""
     out = Path(out)
     unknown = set(arrays) - set(PREDICTION_ARRAYS)
-    if unknown or "image" not in arrays:
-        raise ValueError(f"prediction arrays {sorted(arrays)}; expected 'image' and optionally {PREDICTION_ARRAYS[1:]}")
+    if unknown or not {"image", "text"} & set(arrays):
+        raise ValueError(f"prediction arrays {sorted(arrays)}; expected 'image' and/or 'text' (plus optionally "
+                         f"{PREDICTION_ARRAYS[2:]})")
     ids = np.asarray(stimulus_ids, np.int64)
     for name, value in arrays.items():
         if value.ndim != 3 or len(value) != len(ids):
@@ -73,5 +74,6 @@ def load_predictions(path: str | os.PathLike, mmap: bool = True) -> DecodedEmbed
     arrays = {name: np.load(root / f"{name}.npy", mmap_mode=mode) if (root / f"{name}.npy").exists() else None
               for name in PREDICTION_ARRAYS}
     return DecodedEmbeddings(stimulus_ids=np.load(root / "stimulus_ids.npy"), subject=int(manifest.get("subject", 0)),
+                             # image is None only for text-only ablations
                              split=manifest.get("split", "test"), method=manifest.get("method", "unknown"),
                              manifest=manifest, **arrays)

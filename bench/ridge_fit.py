@@ -1,0 +1,135 @@
+"""Benchmark: RidgeDecoder's K-fold alpha search + refit against scikit-learn Ridge, in the same run.
+
+    python bench/ridge_fit.py [--samples 2000] [--features 3000] [--targets 20000] [--alphas 8] [--folds 5]
+    python bench/ridge_fit.py --quick
+
+Both sides do the same job on the same float32 data: choose one alpha out of ``--alphas``
+log-spaced values (1e1..1e6) by contiguous ``--folds``-fold CV (total validation squared error),
+then refit on all samples. scikit-learn does it the straightforward way, ``Ridge(alpha).fit`` on
+the training folds and ``predict`` on the validation fold for every fold and alpha, plus the final
+refit; ``RidgeDecoder.fit`` shares one SVD per fold across alphas and targets. The per-target
+mode (``alpha_per="target"``, explicit validation predictions) is timed too. Reports seconds,
+the ratio sklearn / ours, whether both chose the same alpha, how far their test predictions
+differ, and the process's peak resident memory after each stage (cumulative: a stage that
+needs less than an earlier one leaves it unchanged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+
+import numpy as np
+import torch
+
+from brainmclip.models.ridge import RidgeDecoder, kfold_indices
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _data(n: int, p: int, t: int, n_test: int, seed: int = 0):
+    """Voxels with a low-rank signal shared by all targets, plus noise (float32, like real betas)."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n + n_test, p), dtype=np.float32)
+    rank = 32
+    # Factored, so no dense (p, t) weight matrix inflates the peak memory before the fits start.
+    Y = (X[:n] @ (rng.standard_normal((p, rank), dtype=np.float32) / np.sqrt(p))) @ rng.standard_normal(
+        (rank, t), dtype=np.float32)
+    for rows in np.array_split(np.arange(n), 8):
+        Y[rows] += 2.0 * rng.standard_normal((len(rows), t), dtype=np.float32)
+    return X[:n], Y, X[n:]
+
+
+def _sklearn_cv_refit(X, Y, alphas, n_folds):
+    from sklearn.linear_model import Ridge
+
+    sse = np.zeros(len(alphas))
+    for train, val in kfold_indices(len(X), n_folds):
+        for a, alpha in enumerate(alphas):
+            pred = Ridge(alpha=alpha).fit(X[train], Y[train]).predict(X[val])
+            sse[a] += float(((Y[val] - pred) ** 2).sum(dtype=np.float64))
+    best = float(alphas[int(np.argmin(sse))])
+    return Ridge(alpha=best).fit(X, Y), best
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--features", type=int, default=3000)
+    parser.add_argument("--targets", type=int, default=20000)
+    parser.add_argument("--alphas", type=int, default=8)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--test", type=int, default=200, help="held-out samples for the prediction check")
+    parser.add_argument("--quick", action="store_true", help="a small problem (600 x 1000, 4000 targets)")
+    parser.add_argument("--svd-solver", choices=["eigh", "svd"], default="eigh", help="RidgeDecoder's svd_solver")
+    parser.add_argument("--skip-target-mode", action="store_true", help="do not time alpha_per='target'")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.samples, args.features, args.targets = 600, 1000, 4000
+
+    n, p, t = args.samples, args.features, args.targets
+    alphas = np.logspace(1, 6, args.alphas)
+    X, Y, X_test = _data(n, p, t, args.test)
+    results = {"samples": n, "features": p, "targets": t, "alphas": args.alphas, "folds": args.folds,
+               "svd_solver": args.svd_solver,
+               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+               "peak_rss_mb_data": round(_peak_rss_mb(), 1)}
+    print(f"problem: {n} samples x {p} features -> {t} targets, {args.alphas} alphas x {args.folds} folds "
+          f"(svd_solver {args.svd_solver}, torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}); "
+          f"peak RSS with data {results['peak_rss_mb_data']:.0f} MB", flush=True)
+
+    # Warm both libraries up on a smaller problem of the same kind: MKL loads its LAPACK kernels
+    # on first use per code path, which took over 10 s once here, and that is not the fit's cost.
+    m = max(args.folds, n // 4)
+    solver = args.svd_solver
+    RidgeDecoder(alphas=alphas[:2], n_folds=args.folds, svd_solver=solver).fit(X[:m], Y[:m, :256])
+    RidgeDecoder(alphas=alphas[:2], n_folds=args.folds, alpha_per="target", svd_solver=solver).fit(X[:m], Y[:m, :256])
+    _sklearn_cv_refit(X[:m], Y[:m, :256], alphas[:2], 2)
+
+    t_ours, ours = _timed(lambda: RidgeDecoder(alphas=alphas, n_folds=args.folds, svd_solver=solver).fit(X, Y))
+    results.update(ours_s=round(t_ours, 2), ours_alpha=ours.alpha_, peak_rss_mb_ours=round(_peak_rss_mb(), 1))
+    print(f"RidgeDecoder (block alpha):  {t_ours:8.2f} s   alpha {ours.alpha_:.4g}   "
+          f"peak RSS {results['peak_rss_mb_ours']:.0f} MB", flush=True)
+
+    if not args.skip_target_mode:
+        t_target, per_target = _timed(
+            lambda: RidgeDecoder(alphas=alphas, n_folds=args.folds, alpha_per="target", svd_solver=solver).fit(X, Y))
+        values, counts = np.unique(per_target.alpha_, return_counts=True)
+        results.update(ours_target_s=round(t_target, 2), peak_rss_mb_target=round(_peak_rss_mb(), 1),
+                       target_alphas={f"{v:.4g}": int(c) for v, c in zip(values, counts, strict=True)})
+        print(f"RidgeDecoder (target alpha): {t_target:8.2f} s   alphas {results['target_alphas']}   "
+              f"peak RSS {results['peak_rss_mb_target']:.0f} MB", flush=True)
+
+    t_sk, (ref, sk_alpha) = _timed(lambda: _sklearn_cv_refit(X, Y, alphas, args.folds))
+    results.update(sklearn_s=round(t_sk, 2), sklearn_alpha=sk_alpha, peak_rss_mb_sklearn=round(_peak_rss_mb(), 1))
+    print(f"sklearn Ridge loop:          {t_sk:8.2f} s   alpha {sk_alpha:.4g}   "
+          f"peak RSS {results['peak_rss_mb_sklearn']:.0f} MB", flush=True)
+
+    pred, ref_pred = ours.predict(X_test), ref.predict(X_test)
+    rel = float(np.abs(pred - ref_pred).max() / np.abs(ref_pred).max())
+    results.update(speedup=round(t_sk / t_ours, 1), same_alpha=bool(ours.alpha_ == sk_alpha), max_rel_pred_diff=rel)
+    if "ours_target_s" in results:
+        results["speedup_target_mode"] = round(t_sk / results["ours_target_s"], 1)
+    print(f"speed-up sklearn / ours: {results['speedup']:.1f}x (block)"
+          + (f", {results['speedup_target_mode']:.1f}x (target)" if "speedup_target_mode" in results else ""))
+    print(f"same alpha: {results['same_alpha']}; max |pred - sklearn pred| / max |sklearn pred| = {rel:.2e}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
