@@ -1,20 +1,59 @@
 """The embedded default: the whole chain on a simulated NSD, on a laptop CPU.
 
-Stages built so far: simulate -> prepare -> extract (tiny random CLIP). Later stages append themselves here; every stage
-skips or resumes finished work, so rerunning the demo on the same folder is quick.
+Stages built so far: simulate -> prepare -> extract (tiny random CLIP) -> train BrainMCLIP
+and ridge -> predict, with test retrieval as the first score. Later stages (reconstruct,
+evaluate, report) append themselves here. Every stage skips or resumes finished work, so
+rerunning the demo on the same folder is quick.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from brainmclip.data.prepare import PrepareOptions, prepare_subject
 from brainmclip.data.synthetic import make_synthetic_nsd
+from brainmclip.evaluation.retrieval import similarity_matrix, top1_n_way
 from brainmclip.features.extract import extract_features
+from brainmclip.features.feature_store import open_feature_store
+from brainmclip.models.predictions import load_predictions
+from brainmclip.training.loop import train_brain_mclip
+from brainmclip.training.predict import predict
+from brainmclip.training.ridge_fit import train_ridge
 
-__all__ = ["run_synthetic_demo", "DEMO_SUBJECTS"]
+__all__ = ["DEMO_SUBJECTS", "run_synthetic_demo"]
 
 DEMO_SUBJECTS = (1, 2)
+
+
+def _train_and_predict(method: str, data: Path, features: Path, run: Path, progress: bool) -> Path:
+    pred = run / "predictions_test"
+    if (pred / "manifest.json").exists():
+        return pred
+    if method == "ridge":
+        if not (run / "run.json").exists():
+            train_ridge(data, features, run, progress=progress)
+    else:
+        resume = (run / "checkpoint_last.pt").exists()
+        if not resume or not _finished(run):
+            train_brain_mclip(data, features, None if resume else ["brain_mclip_tiny"], run, resume=resume,
+                              progress=progress)
+    return predict(run, "test", pred)
+
+
+def _finished(run: Path) -> bool:
+    from brainmclip.training.checkpoint import load_checkpoint
+
+    return bool(load_checkpoint(run / "checkpoint_last.pt")["progress"]["finished"])
+
+
+def _retrieval(pred_dir: Path, features: Path) -> float:
+    pred = load_predictions(pred_dir)
+    targets = open_feature_store(features).get(pred.stimulus_ids, ("image_semantic", "image_detail"))
+    fused = (targets["image_semantic"] + targets["image_detail"]) / 2
+    sim = similarity_matrix(np.asarray(pred.image, np.float32), fused)
+    return top1_n_way(sim, n_way=300, n_repeats=30)["image_retrieval"]["mean"]
 
 
 def run_synthetic_demo(out_dir, tiny: bool = False, seed: int = 0, progress: bool = True) -> str:
@@ -28,10 +67,21 @@ def run_synthetic_demo(out_dir, tiny: bool = False, seed: int = 0, progress: boo
                 for s in DEMO_SUBJECTS]
     # 3. CLIP targets once per NSD image (shared test images are computed once for both subjects).
     #    The tiny random CLIP keeps the 257 x 24-block layout of ViT-L/14 at toy width.
-    features = extract_features([p.root for p in prepared], out / "features" / "tiny", model="tiny",
-                                progress=progress)
+    features_dir = out / "features" / "tiny"
+    features = extract_features([p.root for p in prepared], features_dir, model="tiny", progress=progress)
+    # 4. BrainMCLIP (tiny width) and the ridge baseline per subject, predicted on the test set.
+    scores = {}
+    for p in prepared:
+        for method in ("brain_mclip", "ridge"):
+            run = out / "runs" / f"subj{p.subject:02d}" / method
+            pred = _train_and_predict(method, p.root, features_dir, run, progress)
+            scores[(p.subject, method)] = _retrieval(pred, features_dir)
     lines = ["brainmclip demo", nsd.summary()]
     lines += [p.summary() for p in prepared]
     lines.append(features.summary())
-    lines.append("next stages (train, reconstruct, evaluate) are not built yet")
+    n_test = len(prepared[0].test)
+    lines.append(f"test image retrieval, {min(300, n_test)}-way top-1 (chance {1 / min(300, n_test):.3f}):")
+    for (subject, method), value in scores.items():
+        lines.append(f"  subj{subject:02d} {method:<12} {value:.3f}")
+    lines.append("next stages (reconstruct, evaluate, report) are not built yet")
     return "\n".join(lines)
