@@ -56,7 +56,8 @@ def main(argv=None) -> int:
     model = BrainMCLIP(BrainMCLIPConfig.from_dict({**cfg["model"], "n_semantic_voxels": args.semantic_voxels,
                                                    "n_detail_voxels": args.detail_voxels}))
     loss_cfg = ObjectiveConfig.from_dict(cfg["loss"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
+    # fused: one kernel over all parameters (the step is memory-bound at 0.76B parameters).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01, fused=True)
     n = args.batch_size
     batch = {"semantic": torch.randn(n, args.semantic_voxels), "detail": torch.randn(n, args.detail_voxels),
              "image_semantic": torch.randn(n, 257, 768), "image_detail": torch.randn(n, 257, 768),
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
         loss.backward()
         if with_optimizer:
             optimizer.step()
-        optimizer.zero_grad(set_to_none=False)
+        optimizer.zero_grad(set_to_none=True)  # as in training: no accumulation into old grads
         return time.perf_counter() - start
 
     step(True)  # warm-up, allocates optimizer state

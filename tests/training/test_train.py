@@ -81,5 +81,6 @@ def test_two_processes_train_together(tiny_data, tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     state = load_checkpoint(tmp_path / "ddp" / "checkpoint_last.pt")
-    # Two processes share each global batch of 32: half the steps of one process per epoch.
-    assert state["progress"]["finished"] and state["progress"]["step"] == 2 * 5
+    # Each process takes its own 32 rows: a global batch of 64, so 3 steps per epoch over 181
+    # training rows instead of 5 for one process.
+    assert state["progress"]["finished"] and state["progress"]["step"] == 2 * 3

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+import torch
 from torch import Tensor, nn
 
 from brainmclip.models.layers import EncoderBlock, ResidualMlpBlock, TokenHead, count_parameters
@@ -134,14 +135,21 @@ class BrainMCLIP(nn.Module):
             b_s = self.text_encoder(semantic)
             recs["text_self"] = (self.text_fmri_decoder(b_s), "semantic")
             text = self.text_head(self.text_backbone(b_s))
+        codes = []
         if "image_semantic" in c.branches:
             b_is = self.image_semantic_encoder(semantic)
             recs["image_semantic_self"] = (self.image_semantic_decoder(b_is), "semantic")
-            image_s = self.image_head(self.image_backbone(b_is))
+            codes.append(b_is)
         if "image_detail" in c.branches:
             b_id = self.image_detail_encoder(detail)
             recs["image_detail_self"] = (self.image_detail_decoder(b_id), "detail")
-            image_d = self.image_head(self.image_backbone(b_id))
+            codes.append(b_id)
+        if codes:
+            # Both codes go through the shared backbone and D_I in one pass: the same maths as two
+            # passes, but the 257 x 768 head's weights are read once and its gradient made once.
+            decoded = self.image_head(self.image_backbone(torch.cat(codes))).split(len(codes[0]))
+            image_s = decoded[0] if "image_semantic" in c.branches else None
+            image_d = decoded[-1] if "image_detail" in c.branches else None
         if c.cross_reconstruction:
             recs["cross_semantic_to_detail"] = (self.image_detail_decoder(b_is), "detail")
             recs["cross_detail_to_semantic"] = (self.image_semantic_decoder(b_id), "semantic")

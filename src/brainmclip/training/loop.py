@@ -183,7 +183,8 @@ def train_brain_mclip(data, features, config: dict | str | list[str], out, resum
     accelerator = Accelerator(cpu=cpu, mixed_precision="bf16" if use_bf16 else "no")
     torch.manual_seed(train_cfg.seed)
     model = build_model(cfg.get("model", {}), prepared, store.manifest["settings"], data_cfg)
-    optimizer = torch.optim.AdamW(_param_groups(model, train_cfg.weight_decay), lr=train_cfg.max_lr)
+    # fused AdamW: one kernel over all parameters; the step is memory-bound at 0.76B parameters.
+    optimizer = torch.optim.AdamW(_param_groups(model, train_cfg.weight_decay), lr=train_cfg.max_lr, fused=True)
     world = accelerator.num_processes
     steps_per_epoch = max(1, len(_batches(len(train_split), train_cfg.batch_size, 0, 0, 0, world))
                           // train_cfg.grad_accum)
