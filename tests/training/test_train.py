@@ -84,3 +84,44 @@ def test_two_processes_train_together(tiny_data, tmp_path):
     # Each process takes its own 32 rows: a global batch of 64, so 3 steps per epoch over 181
     # training rows instead of 5 for one process.
     assert state["progress"]["finished"] and state["progress"]["step"] == 2 * 3
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tiny_data, tmp_path, monkeypatch):
+    """A crash (no graceful stop) mid-epoch: resume from the periodic checkpoint, same final weights."""
+    from brainmclip.training import data as data_module
+
+    data, features = tiny_data
+    overrides = ["train.epochs=2", "train.checkpoint_every=2", "model.hidden_dim=32"]
+    full = train_brain_mclip(data, features, ["brain_mclip_tiny"], tmp_path / "full", overrides=overrides,
+                             progress=False)
+    real_fetch = data_module.PairedSplit.fetch
+    calls = {"n": 0}
+
+    def crashing(self, rows, targets=data_module.TARGETS):
+        calls["n"] += 1
+        if calls["n"] == 4:  # inside step 4 of epoch 0; the last checkpoint is at step 2
+            raise KeyboardInterrupt
+        return real_fetch(self, rows, targets)
+
+    monkeypatch.setattr(data_module.PairedSplit, "fetch", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train_brain_mclip(data, features, ["brain_mclip_tiny"], tmp_path / "crash", overrides=overrides,
+                          progress=False)
+    monkeypatch.setattr(data_module.PairedSplit, "fetch", real_fetch)
+    assert load_checkpoint(tmp_path / "crash" / "checkpoint_last.pt")["progress"]["step"] == 2
+    resumed = train_brain_mclip(data, features, None, tmp_path / "crash", resume=True, progress=False)
+    assert resumed.steps == full.steps
+    a = load_checkpoint(tmp_path / "full" / "checkpoint_last.pt")["model"]
+    b = load_checkpoint(tmp_path / "crash" / "checkpoint_last.pt")["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_single_trial_outputs_are_averaged_per_image():
+    from brainmclip.training.predict import average_by_stimulus
+
+    ids = np.array([7, 3, 7, 5, 3, 7])
+    values = np.arange(6, dtype=np.float32)[:, None, None] * np.ones((1, 2, 3), np.float32)
+    out_ids, out = average_by_stimulus(ids, {"image": values})
+    np.testing.assert_array_equal(out_ids, [7, 3, 5])  # order of first appearance
+    np.testing.assert_allclose(out["image"][:, 0, 0], [(0 + 2 + 5) / 3, (1 + 4) / 2, 3])
