@@ -263,6 +263,44 @@ def _run_info(args) -> int:
     return 0
 
 
+def _add_reconstruct(sub) -> None:
+    p = sub.add_parser("reconstruct", help="images from predicted embeddings with Versatile Diffusion (one PNG each)")
+    p.add_argument("--pred", required=True, type=Path, help="prediction folder (brainmclip predict)")
+    p.add_argument("--out", required=True, type=Path, help="reconstruction folder")
+    p.add_argument("--generator", default="shi-labs/versatile-diffusion",
+                   help="VD folder or cached hub id (never downloaded); 'tiny' for the random test model")
+    p.add_argument("--clip", default="openai/clip-vit-large-patch14",
+                   help="CLIP for the unconditional embeddings and best-of-N ('tiny' with the tiny generator)")
+    p.add_argument("--steps", type=int, default=20, help="UniPC steps (default 20)")
+    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--text-weight", type=float, default=0.4, help="share of the text condition (image: 1 - this)")
+    p.add_argument("--uncond", default="clip", choices=("clip", "zeros"),
+                   help="unconditional embeddings: CLIP of '' and a mid-grey image (default) or zeros")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--size", type=int, help="output side in pixels (default: the generator's, 512 for VD)")
+    p.add_argument("--samples", type=int, default=1, help="N candidates per image, best by CLIP similarity")
+    p.add_argument("--init-dir", type=Path, help="PNGs (nsd<id>.png) to start from, e.g. low-level reconstructions")
+    p.add_argument("--strength", type=float, default=0.85, help="img2img strength with --init-dir")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--force", action="store_true", help="replace reconstructions made with other settings")
+    p.set_defaults(func=_run_reconstruct)
+
+
+def _run_reconstruct(args) -> int:
+    from brainmclip.generation.reconstruct import ReconstructOptions, reconstruct
+
+    options = ReconstructOptions(generator=args.generator, clip=args.clip, steps=args.steps,
+                                 guidance_scale=args.guidance_scale, text_weight=args.text_weight, uncond=args.uncond,
+                                 seed=args.seed, size=args.size, samples=args.samples,
+                                 init_dir=str(args.init_dir) if args.init_dir else None, strength=args.strength,
+                                 batch_size=args.batch_size)
+    result = reconstruct(args.pred, args.out, options, force=args.force, progress=not args.quiet)
+    print(f"{len(result)} reconstructions of {result.manifest['settings']['method']} predictions (subject "
+          f"{result.manifest['settings']['subject']}) at {result.root}, {result.manifest['size']} px, "
+          f"{result.manifest['seconds']:.1f} s")
+    return 0
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="run the whole chain on simulated data (what `make demo` runs)")
     p.add_argument("--out", default=Path("runs/demo"), type=Path, help="output folder (default: runs/demo)")
@@ -290,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_predict(sub)
     _add_info(sub)
+    _add_reconstruct(sub)
     _add_demo(sub)
     return parser
 

@@ -1,8 +1,8 @@
 """The embedded default: the whole chain on a simulated NSD, on a laptop CPU.
 
 Stages built so far: simulate -> prepare -> extract (tiny random CLIP) -> train BrainMCLIP
-and ridge -> predict, with test retrieval as the first score. Later stages (reconstruct,
-evaluate, report) append themselves here. Every stage skips or resumes finished work, so
+and ridge -> predict (test retrieval as the first score) -> reconstruct (tiny random Versatile
+Diffusion, 32 px). Later stages (evaluate, report) append themselves here. Every stage skips or resumes finished work, so
 rerunning the demo on the same folder is quick.
 """
 
@@ -17,6 +17,7 @@ from brainmclip.data.synthetic import make_synthetic_nsd
 from brainmclip.evaluation.retrieval import similarity_matrix, top1_n_way
 from brainmclip.features.extract import extract_features
 from brainmclip.features.feature_store import open_feature_store
+from brainmclip.generation.reconstruct import ReconstructOptions, reconstruct
 from brainmclip.models.predictions import load_predictions
 from brainmclip.training.loop import train_brain_mclip
 from brainmclip.training.predict import predict
@@ -76,12 +77,19 @@ def run_synthetic_demo(out_dir, tiny: bool = False, seed: int = 0, progress: boo
             run = out / "runs" / f"subj{p.subject:02d}" / method
             pred = _train_and_predict(method, p.root, features_dir, run, progress)
             scores[(p.subject, method)] = _retrieval(pred, features_dir)
+            # 5. Images from the predictions (tiny VD; real runs use shi-labs/versatile-diffusion at 512 px).
+            recon = reconstruct(pred, run / "reconstructions_test",
+                                ReconstructOptions(generator="tiny", clip="tiny", batch_size=16), progress=progress)
+            scores[(p.subject, method, "recon")] = recon.root
     lines = ["brainmclip demo", nsd.summary()]
     lines += [p.summary() for p in prepared]
     lines.append(features.summary())
     n_test = len(prepared[0].test)
     lines.append(f"test image retrieval, {min(300, n_test)}-way top-1 (chance {1 / min(300, n_test):.3f}):")
-    for (subject, method), value in scores.items():
-        lines.append(f"  subj{subject:02d} {method:<12} {value:.3f}")
-    lines.append("next stages (reconstruct, evaluate, report) are not built yet")
+    for key, value in scores.items():
+        if len(key) == 2:
+            lines.append(f"  subj{key[0]:02d} {key[1]:<12} {value:.3f}")
+    recons = [str(v) for k, v in scores.items() if len(k) == 3]
+    lines.append(f"reconstructions (tiny random VD, 32 px): {len(recons)} folders, e.g. {recons[0]}")
+    lines.append("next stages (evaluate, report) are not built yet")
     return "\n".join(lines)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DecodedEmbeddings", "FmriSamples"]
+__all__ = ["DecodedEmbeddings", "FmriSamples", "GeneratedImages"]
 
 
 @dataclass(frozen=True)
@@ -90,3 +90,34 @@ class DecodedEmbeddings:
 
     def __len__(self) -> int:
         return len(self.stimulus_ids)
+
+
+@dataclass(frozen=True)
+class GeneratedImages:
+    """Reconstructions on disk: one PNG per predicted image.
+
+    Attributes
+    ----------
+    root : path
+        The reconstruction folder (``manifest.json`` beside the PNGs).
+    stimulus_ids : int64 array of shape (n_images,)
+    paths : list of path
+        ``paths[i]`` is the reconstruction of NSD image ``stimulus_ids[i]``.
+    manifest : dict
+        Generator, settings, seeds and the predictions they came from.
+    """
+
+    root: object
+    stimulus_ids: np.ndarray
+    paths: list
+    manifest: dict
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> np.ndarray:
+        """uint8 (H, W, 3) pixels of one reconstruction."""
+        from PIL import Image
+
+        with Image.open(self.paths[index]) as img:
+            return np.asarray(img.convert("RGB"))

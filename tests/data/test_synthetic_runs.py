@@ -143,3 +143,4 @@ def test_demo_tiny(tmp_path, capsys):
     assert nsd_paths.expdesign_path(tmp_path / "nsd").exists()
     assert (tmp_path / "prepared" / "subj01" / "manifest.json").exists()
     assert "subj02 ridge" in printed and (tmp_path / "runs" / "subj02" / "brain_mclip" / "predictions_test").is_dir()
+    assert len(list((tmp_path / "runs" / "subj01" / "ridge" / "reconstructions_test").glob("*.png"))) == 40

@@ -140,6 +140,9 @@ class VersatileDiffusionGenerator:
         return int(self.image_unet.config.cross_attention_dim)
 
     def to(self, device=None, dtype=None) -> VersatileDiffusionGenerator:
+        # Casting to the dtype a model already has makes diffusers warn for nothing; skip it.
+        if dtype == self.dtype:
+            dtype = None
         self.image_unet.to(device=device, dtype=dtype)
         self.vae.to(device=device, dtype=dtype)
         return self

@@ -1,0 +1,213 @@
+"""``reconstruct``: predicted embeddings (any method) to one PNG per test image with Versatile Diffusion.
+
+Each image gets its own seeded generator (seed, NSD id, sample k), so pixels do not depend on
+batching or on which images a resumed run still had to make. A PNG appears under its final
+name only once written; a rerun with the same settings makes only the missing ones. With
+``samples`` > 1 the candidate whose CLIP image embedding (CLS) is closest to the predicted
+one is kept (best-of-N).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from brainmclip import __version__
+from brainmclip.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
+from brainmclip.models.predictions import load_predictions
+from brainmclip.types import GeneratedImages
+
+__all__ = ["ReconstructOptions", "reconstruct", "load_reconstructions", "image_seed"]
+
+log = logging.getLogger("brainmclip.reconstruct")
+RECON_FORMAT = "brainmclip-reconstructions/1"
+
+
+@dataclass(frozen=True)
+class ReconstructOptions:
+    """Settings of a reconstruction run (saved in its manifest).
+
+    ``generator``: a VD folder or cached hub id, or 'tiny' (random test model). ``clip``: the
+    CLIP model that embeds the unconditional "" and mid-grey image and scores best-of-N
+    candidates ('tiny' pairs with the tiny generator). ``uncond``: 'clip' (VD's own choice)
+    or 'zeros'. ``size``: output side in pixels (default: the generator's native size, 512
+    for VD). ``init_dir``: PNGs named like the outputs (``nsd<id>.png``) to start from
+    (img2img at ``strength``), e.g. a low-level reconstruction.
+    """
+
+    generator: str = "shi-labs/versatile-diffusion"
+    clip: str = "openai/clip-vit-large-patch14"
+    steps: int = 20
+    guidance_scale: float = 5.0
+    text_weight: float = 0.4
+    uncond: str = "clip"
+    seed: int = 42
+    size: int | None = None
+    samples: int = 1
+    init_dir: str | None = None
+    strength: float = 0.85
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if self.uncond not in ("clip", "zeros"):
+            raise ValueError(f"Unknown uncond={self.uncond!r}; choose 'clip' (empty text + grey image) or 'zeros'")
+        if self.samples < 1 or self.steps < 1 or self.batch_size < 1:
+            raise ValueError("samples, steps and batch_size must be positive")
+        if not 0 <= self.text_weight <= 1:
+            raise ValueError(f"text_weight={self.text_weight}; expected a share in [0, 1]")
+
+
+def image_seed(seed: int, nsd_id: int, sample: int) -> int:
+    """The seed of one candidate: independent of batch size and of resumption."""
+    return (int(seed) * 1_000_003 + int(nsd_id) * 101 + int(sample)) % (2**63 - 1)
+
+
+def _png_name(nsd_id: int) -> str:
+    return f"nsd{int(nsd_id):05d}.png"
+
+
+def _load_generator(name: str, device, dtype):
+    from brainmclip.generation.versatile_diffusion import load_versatile_diffusion, tiny_versatile_diffusion
+
+    if name == "tiny":
+        return tiny_versatile_diffusion().to(device=device, dtype=dtype), {"generator": "random:tiny"}
+    return load_versatile_diffusion(name, device=device, dtype=dtype), {"generator": name}
+
+
+def _check_predictions(pred, embed_dim: int, path: Path) -> None:
+    if pred.image is None:
+        raise ValueError(f"{path}: predictions hold no image embedding; VD needs Ê_I (257 x {embed_dim})")
+    if pred.image.shape[1:] != (257, embed_dim):
+        raise ValueError(f"{path}/image.npy: shape {tuple(pred.image.shape)}; the generator expects (n, 257, {embed_dim})")
+    if pred.text is not None and pred.text.shape[1:] != (77, embed_dim):
+        raise ValueError(f"{path}/text.npy: shape {tuple(pred.text.shape)}; the generator expects (n, 77, {embed_dim})")
+
+
+def reconstruct(pred_dir, out, options: ReconstructOptions | None = None, force: bool = False,
+                progress: bool = True) -> GeneratedImages:
+    """Reconstruct every image of a prediction folder into ``out`` (one PNG each, plus a manifest)."""
+    from brainmclip.features.clip_extractor import ClipFeatureExtractor
+    from brainmclip.features.clip_models import load_clip
+
+    start = time.perf_counter()
+    options = options or ReconstructOptions()
+    pred_dir, out = Path(pred_dir), Path(out)
+    pred = load_predictions(pred_dir)
+    settings = {"options": asdict(options), "predictions": str(pred_dir.resolve()),
+                "predictions_manifest": pred.manifest.get("run"), "method": pred.method, "subject": pred.subject}
+    manifest_file = out / "manifest.json"
+    if manifest_file.exists():
+        previous = json.loads(manifest_file.read_text())
+        if previous.get("settings") != json.loads(json.dumps(settings)) and not force:
+            raise FileExistsError(f"{out} holds reconstructions made with other settings; pass --force or choose "
+                                  "another --out")
+    elif out.exists() and any(p.suffix == ".png" for p in out.iterdir()) and not force:
+        raise FileExistsError(f"{out} holds PNGs without a manifest; choose another --out or pass --force")
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+
+    # bf16 on GPU only (this CPU's bf16 matmuls are very slow).
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    generator, identity = _load_generator(options.generator, device, dtype)
+    _check_predictions(pred, generator.embed_dim, pred_dir)
+    needs_clip = options.uncond == "clip" or options.samples > 1
+    extractor = ClipFeatureExtractor(load_clip(options.clip, device=device)) if needs_clip else None
+    if extractor is not None and extractor.towers.embed_dim != generator.embed_dim:
+        raise ValueError(f"CLIP {options.clip!r} embeds in {extractor.towers.embed_dim} dims but the generator "
+                         f"expects {generator.embed_dim}")
+    uncond_image = uncond_text = None
+    if options.uncond == "clip":
+        grey = np.full((1, 224, 224, 3), 128, np.uint8)
+        uncond_image = extractor.encode_images(grey)["image_semantic"][0]
+        uncond_text = extractor.encode_texts([""])[0]
+    size = options.size or generator.image_unet.config.sample_size * generator.vae_scale_factor
+    previous_images = (json.loads(manifest_file.read_text()).get("images", {}) if manifest_file.exists() else {})
+    write_json_atomic(manifest_file, {"format": RECON_FORMAT, "settings": settings, "generator": identity,
+                                      "size": size, "complete": False, "images": previous_images,
+                                      "code_version": __version__})
+
+    ids = np.asarray(pred.stimulus_ids)
+    todo = [i for i, nsd_id in enumerate(ids) if not (out / _png_name(nsd_id)).exists()]
+    records = dict(previous_images)
+    bar = tqdm(total=len(ids), initial=len(ids) - len(todo), desc="reconstruct", unit="img", disable=not progress)
+    for b in range(0, len(todo), options.batch_size):
+        rows = todo[b:b + options.batch_size]
+        image = torch.as_tensor(np.asarray(pred.image[rows], np.float32)).to(device, dtype)
+        text = torch.as_tensor(np.asarray(pred.text[rows], np.float32)).to(device, dtype) if pred.text is not None \
+            else None
+        init = _init_images(options, ids[rows]) if options.init_dir else None
+        candidates = []
+        for k in range(options.samples):
+            gens = [torch.Generator(device).manual_seed(image_seed(options.seed, ids[r], k)) for r in rows]
+            candidates.append(generator.generate(
+                image, text, num_inference_steps=options.steps, guidance_scale=options.guidance_scale,
+                text_weight=options.text_weight if text is not None else 0.0, uncond_image=uncond_image,
+                uncond_text=uncond_text if text is not None else None, generator=gens, init_images=init,
+                strength=options.strength, height=size, width=size))
+        chosen, scores = _choose(candidates, pred.image[rows], extractor)
+        for j, r in enumerate(rows):
+            pixels = candidates[chosen[j]][j]
+            with atomic_path(out / _png_name(ids[r])) as tmp:
+                Image.fromarray(pixels).save(tmp, format="PNG")
+            records[str(int(ids[r]))] = {"sample": int(chosen[j]), "scores": [round(float(s), 6) for s in scores[j]],
+                                         "seed": image_seed(options.seed, ids[r], int(chosen[j]))}
+            bar.update(1)
+        write_json_atomic(manifest_file, {"format": RECON_FORMAT, "settings": settings, "generator": identity,
+                                          "size": size, "complete": False, "images": records,
+                                          "code_version": __version__})
+    bar.close()
+    write_json_atomic(manifest_file, {"format": RECON_FORMAT, "settings": settings, "generator": identity,
+                                      "size": size, "complete": True, "images": records, "n_images": len(ids),
+                                      "seconds": round(time.perf_counter() - start, 2), "code_version": __version__})
+    log.info("reconstructed %d images (%d new) into %s", len(ids), len(todo), out)
+    return load_reconstructions(out)
+
+
+def _init_images(options: ReconstructOptions, ids) -> np.ndarray:
+    folder = Path(options.init_dir)
+    images = []
+    for nsd_id in ids:
+        path = folder / _png_name(nsd_id)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing init image (expected one PNG per NSD id, named like the outputs)")
+        with Image.open(path) as img:
+            images.append(np.asarray(img.convert("RGB")))
+    if len({im.shape for im in images}) > 1:
+        raise ValueError(f"{folder}: init images of different sizes")
+    return np.stack(images)
+
+
+def _choose(candidates: list[np.ndarray], predicted_image, extractor) -> tuple[np.ndarray, np.ndarray]:
+    """Index of the best candidate per row (CLS cosine to the predicted Ê_I), and all scores."""
+    n = len(candidates[0])
+    if len(candidates) == 1:
+        return np.zeros(n, int), np.full((n, 1), np.nan)
+    target = torch.as_tensor(np.asarray(predicted_image[:, 0], np.float32))
+    target = target / target.norm(dim=-1, keepdim=True)
+    scores = np.empty((n, len(candidates)))
+    for k, images in enumerate(candidates):
+        cls = extractor.encode_images(images)["image_semantic"][:, 0]
+        scores[:, k] = (cls / cls.norm(dim=-1, keepdim=True) * target).sum(-1).numpy()
+    return scores.argmax(1), scores
+
+
+def load_reconstructions(path) -> GeneratedImages:
+    root = Path(path)
+    manifest_file = root / "manifest.json"
+    if not manifest_file.is_file():
+        raise FileNotFoundError(f"{manifest_file}: missing; {root} holds no reconstructions (run brainmclip reconstruct)")
+    manifest = json.loads(manifest_file.read_text())
+    if manifest.get("format") != RECON_FORMAT or not manifest.get("complete"):
+        raise ValueError(f"{root}: reconstruction did not finish; rerun the same command to resume")
+    pred = load_predictions(manifest["settings"]["predictions"])
+    ids = np.asarray(pred.stimulus_ids)
+    return GeneratedImages(root, ids, [root / _png_name(i) for i in ids], manifest)
