@@ -1,0 +1,29 @@
+"""Published numbers to print beside ours (NSD, mean of subjects 1, 2, 5, 7; SPEC section 9).
+
+Identification metrics are fractions here (0.918 = 91.8%), like our own results. These are
+the papers' numbers, computed by their authors with their own protocols and test sets; they
+are shown for orientation, not as a like-for-like comparison.
+"""
+
+from __future__ import annotations
+
+__all__ = ["METRIC_NAMES", "LOWER_IS_BETTER", "PUBLISHED"]
+
+METRIC_NAMES = ("PixCorr", "SSIM", "AlexNet(2)", "AlexNet(5)", "InceptionV3", "CLIP", "EffNet-B", "SwAV")
+LOWER_IS_BETTER = ("EffNet-B", "SwAV")
+
+
+def _row(method, values, params=None, note=""):
+    return {"method": method, "metrics": dict(zip(METRIC_NAMES, values, strict=True)), "params": params, "note": note}
+
+
+PUBLISHED = [
+    _row("BrainMCLIP (CLIP only)", (.212, .263, .918, .970, .946, .952, .643, .354), "0.73B", "old test set"),
+    _row("BrainMCLIP + MindEye low-level", (.330, .312, .949, .978, .945, .947, .645, .356), "0.73B", "old test set"),
+    _row("MindEye1", (.309, .323, .947, .978, .938, .941, .645, .367), "1.45B", "old test set"),
+    _row("MindEye2", (.322, .431, .961, .986, .954, .930, .619, .344), "2.58B", "new test set, 40 h"),
+    _row("Brain-Diffuser", (.254, .356, .942, .962, .872, .915, .775, .423), None, "old test set"),
+    _row("MindBridge", (.151, .263, .877, .955, .924, .947, .712, .418), "0.69B", "one cross-subject model"),
+    _row("MindDiffuser", (.256, .344, .852, .843, .784, .791, .884, .551), None, ""),
+    _row("MindDiffuser + MindEye", (.278, .370, .955, .983, .945, .951, .706, .468), None, ""),
+]

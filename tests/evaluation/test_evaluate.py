@@ -1,0 +1,44 @@
+"""Statistics and tables of `brainmclip evaluate`."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import stats
+
+from brainmclip.evaluation.evaluate import bootstrap_ci, format_markdown, paired_tests
+from brainmclip.evaluation.published import METRIC_NAMES, PUBLISHED
+
+
+def test_bootstrap_interval_by_hand():
+    values = np.random.default_rng(3).normal(0.5, 0.1, 40)
+    low, high = bootstrap_ci(values, n_boot=500, seed=1)
+    rng = np.random.default_rng(1)
+    idx = rng.integers(0, 40, (500, 40))
+    means = values[idx].mean(1)
+    assert (low, high) == tuple(np.percentile(means, [2.5, 97.5]))
+    assert low < values.mean() < high
+
+
+def test_paired_wilcoxon_matches_scipy():
+    rng = np.random.default_rng(0)
+    a = {m: rng.normal(size=30) for m in METRIC_NAMES}
+    b = {m: a[m] + 0.3 + rng.normal(scale=0.1, size=30) for m in METRIC_NAMES}
+    tests = paired_tests({"brain_mclip": a, "ridge": b})
+    assert len(tests) == len(METRIC_NAMES)
+    first = tests[0]
+    assert first["a"] == "brain_mclip" and first["b"] == "ridge"
+    assert first["p_value"] == stats.wilcoxon(a[first["metric"]], b[first["metric"]]).pvalue < 1e-4
+    same = paired_tests({"x": {"SSIM": np.ones(5)}, "y": {"SSIM": np.ones(5)}})
+    assert same[0]["p_value"] == 1.0
+
+
+def test_markdown_marks_published_and_uncalibrated_rows():
+    metrics = {m: 0.5 for m in METRIC_NAMES}
+    report = {"protocol": {"name": "mindeye1"}, "clip_model": "tiny",
+              "runs": [{"subject": 1, "method": "ridge", "metrics": metrics, "uncalibrated": ["SwAV"],
+                        "parameters": 2_000_000}],
+              "mean_over_subjects": {"ridge": metrics}, "published": PUBLISHED}
+    text = format_markdown(report)
+    assert "| ridge (ours) | 1 | 0.500 | 0.500 | 50.0% | 50.0% | 50.0% | 50.0% | 0.500 | 0.500† | 2.0M |" in text
+    assert "*BrainMCLIP (CLIP only)* (published)" in text and "91.8%" in text
+    assert "† uncalibrated" in text and "PixCorr ↑" in text and "SwAV ↓" in text
