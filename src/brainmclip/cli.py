@@ -301,6 +301,50 @@ def _run_reconstruct(args) -> int:
     return 0
 
 
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="the field's 8 image metrics, retrieval and statistics for reconstructions")
+    p.add_argument("--recon", required=True, nargs="+", type=Path, help="reconstruction folder(s), any subjects/methods")
+    p.add_argument("--out", required=True, type=Path, help="folder for metrics.json/.csv/.md and per_image.npz")
+    p.add_argument("--protocol", default="mindeye1", choices=("mindeye1", "brain-diffuser"),
+                   help="mindeye1 (default: 256 px first, tensor resizes) or brain-diffuser (224 px, PIL resize)")
+    p.add_argument("--ssim", default="gaussian", choices=("gaussian", "columnwise"),
+                   help="columnwise: what scikit-image <= 0.19 computed with multichannel=True on grey images")
+    p.add_argument("--clip", default="openai/clip-vit-large-patch14", help="CLIP for the CLIP metric ('tiny' for tests)")
+    p.add_argument("--weights-dir", type=Path, help="folder with torchvision weight files (else the torch hub cache)")
+    p.add_argument("--allow-random-metric-nets", action="store_true",
+                   help="use random networks where weights are absent; those columns are marked uncalibrated")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from brainmclip.evaluation.evaluate import evaluate_reconstructions
+    from brainmclip.evaluation.image_metrics import MetricProtocol
+
+    protocol = MetricProtocol(name=args.protocol, ssim=args.ssim)
+    report = evaluate_reconstructions(args.recon, args.out, protocol=protocol, clip_model=args.clip,
+                                      weights_dir=args.weights_dir, allow_random=args.allow_random_metric_nets,
+                                      n_boot=args.bootstrap)
+    print((args.out / "metrics.md").read_text())
+    print(f"wrote {args.out}/metrics.json, metrics.csv, metrics.md ({report['seconds']:.1f} s)")
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="a static HTML report (grids, metric table, retrieval, curves) of an evaluation")
+    p.add_argument("--eval", required=True, type=Path, help="folder written by brainmclip evaluate")
+    p.add_argument("--out", required=True, type=Path, help="report folder (index.html + figures/)")
+    p.add_argument("--title", default="brainmclip reconstructions")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args) -> int:
+    from brainmclip.evaluation.evaluate import make_report
+
+    print(f"report: {make_report(args.eval, args.out, title=args.title)}")
+    return 0
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="run the whole chain on simulated data (what `make demo` runs)")
     p.add_argument("--out", default=Path("runs/demo"), type=Path, help="output folder (default: runs/demo)")
@@ -329,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     _add_info(sub)
     _add_reconstruct(sub)
+    _add_evaluate(sub)
+    _add_report(sub)
     _add_demo(sub)
     return parser
 

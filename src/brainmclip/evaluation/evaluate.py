@@ -30,7 +30,7 @@ from brainmclip.evaluation.retrieval import recall_at_k, similarity_matrix, top1
 from brainmclip.generation.reconstruct import load_reconstructions
 from brainmclip.models.predictions import load_predictions
 
-__all__ = ["evaluate_reconstructions", "bootstrap_ci", "paired_tests", "format_markdown"]
+__all__ = ["bootstrap_ci", "evaluate_reconstructions", "format_markdown", "make_report", "paired_tests"]
 
 log = logging.getLogger("brainmclip.evaluate")
 _IDENTIFICATION = ("AlexNet(2)", "AlexNet(5)", "InceptionV3", "CLIP")
@@ -208,3 +208,35 @@ def format_markdown(report: dict) -> str:
         lines += ["", "† uncalibrated: computed with a randomly initialised metric network (weights were absent and "
                       "--allow-random-metric-nets was given); not comparable with published numbers."]
     return "\n".join(lines) + "\n"
+
+
+def make_report(eval_dir, out, title: str = "brainmclip reconstructions", debug_image_check: bool = False) -> Path:
+    """An HTML report (grids, metric table with intervals, retrieval, training curves) from an evaluation folder."""
+    from brainmclip.evaluation.report import read_tensorboard_scalars, write_report
+
+    eval_dir = Path(eval_dir)
+    metrics_file = eval_dir / "metrics.json"
+    if not metrics_file.is_file():
+        raise FileNotFoundError(f"{metrics_file}: missing; run brainmclip evaluate --out {eval_dir} first")
+    report = json.loads(metrics_file.read_text())
+    runs = []
+    for e in report["runs"]:
+        recon = load_reconstructions(e["reconstructions"])
+        retrieval = {}
+        for kind in ("image", "text"):
+            top1 = e["retrieval"].get(kind, {}).get("top1")
+            if top1:
+                retrieval[f"{kind}_top1"] = top1["image_retrieval"]["mean"]
+                retrieval[f"{'brain' if kind == 'image' else 'text_brain'}_top1"] = top1["brain_retrieval"]["mean"]
+                retrieval["n_way"] = top1["n_way"]
+        run_dir = Path(e["run"]) if e.get("run") else None
+        runs.append({
+            "subject": e["subject"], "method": e["method"], "metrics": e["metrics"], "ci95": e["ci95"],
+            "uncalibrated": e["uncalibrated"], "retrieval": retrieval, "parameters": e["parameters"],
+            "recon_paths": [str(p) for p in recon.paths],
+            "truth_images": _truth_images(Path(e["data"]), recon.stimulus_ids),
+            "curves": read_tensorboard_scalars(run_dir) if run_dir else {},
+            "protocol": report["protocol"],
+            "data": {"test_set": e.get("test_set"), "n_images": e["n_images"], "prepared": e["data"]},
+        })
+    return write_report(out, runs, title=title, published=report["published"], debug_image_check=debug_image_check)
