@@ -1,8 +1,9 @@
 """The embedded default: the whole chain on a simulated NSD, on a laptop CPU.
 
 Stages built so far: simulate -> prepare -> extract (tiny random CLIP) -> train BrainMCLIP
-and ridge -> predict (test retrieval as the first score) -> reconstruct (tiny random Versatile
-Diffusion, 32 px). Later stages (evaluate, report) append themselves here. Every stage skips or resumes finished work, so
+and ridge -> predict -> reconstruct (tiny random Versatile Diffusion, 32 px) -> evaluate (the
+eight metrics with random-initialised metric networks, marked uncalibrated; retrieval) ->
+report (static HTML). Every stage skips or resumes finished work, so
 rerunning the demo on the same folder is quick.
 """
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from brainmclip.data.prepare import PrepareOptions, prepare_subject
 from brainmclip.data.synthetic import make_synthetic_nsd
+from brainmclip.evaluation.evaluate import evaluate_reconstructions, make_report
 from brainmclip.evaluation.retrieval import similarity_matrix, top1_n_way
 from brainmclip.features.extract import extract_features
 from brainmclip.features.feature_store import open_feature_store
@@ -69,7 +71,7 @@ def run_synthetic_demo(out_dir, tiny: bool = False, seed: int = 0, progress: boo
     # 3. CLIP targets once per NSD image (shared test images are computed once for both subjects).
     #    The tiny random CLIP keeps the 257 x 24-block layout of ViT-L/14 at toy width.
     features_dir = out / "features" / "tiny"
-    features = extract_features([p.root for p in prepared], features_dir, model="tiny", progress=progress)
+    extract_features([p.root for p in prepared], features_dir, model="tiny", progress=progress)
     # 4. BrainMCLIP (tiny width) and the ridge baseline per subject, predicted on the test set.
     scores = {}
     for p in prepared:
@@ -81,15 +83,21 @@ def run_synthetic_demo(out_dir, tiny: bool = False, seed: int = 0, progress: boo
             recon = reconstruct(pred, run / "reconstructions_test",
                                 ReconstructOptions(generator="tiny", clip="tiny", batch_size=16), progress=progress)
             scores[(p.subject, method, "recon")] = recon.root
-    lines = ["brainmclip demo", nsd.summary()]
-    lines += [p.summary() for p in prepared]
-    lines.append(features.summary())
+    # 6. The eight metrics and retrieval per subject and method, then the report. No metric
+    #    network weights exist here, so their columns are random-initialised and marked.
+    recon_dirs = [v for k, v in scores.items() if len(k) == 3]
+    evaluation = evaluate_reconstructions(recon_dirs, out / "evaluation", clip_model="tiny", allow_random=True,
+                                          n_boot=200)
+    report = make_report(out / "evaluation", out / "report", title="brainmclip demo (simulated NSD, tiny models)")
+    lines = ["brainmclip demo: simulate -> prepare -> extract -> train -> predict -> reconstruct -> evaluate -> report",
+             f"  data: {nsd.preset.name} simulated NSD, subjects {', '.join(map(str, DEMO_SUBJECTS))}, "
+             f"{len(prepared[0].train)} train / {len(prepared[0].test)} test images each; tiny random CLIP, VD and "
+             "metric networks (metrics check the pipeline, not the methods)"]
     n_test = len(prepared[0].test)
-    lines.append(f"test image retrieval, {min(300, n_test)}-way top-1 (chance {1 / min(300, n_test):.3f}):")
-    for key, value in scores.items():
-        if len(key) == 2:
-            lines.append(f"  subj{key[0]:02d} {key[1]:<12} {value:.3f}")
-    recons = [str(v) for k, v in scores.items() if len(k) == 3]
-    lines.append(f"reconstructions (tiny random VD, 32 px): {len(recons)} folders, e.g. {recons[0]}")
-    lines.append("next stages (evaluate, report) are not built yet")
+    for method, values in evaluation["mean_over_subjects"].items():
+        top1 = np.mean([scores[(s, method)] for s in DEMO_SUBJECTS])
+        lines.append(f"  {method:<12} {min(300, n_test)}-way image retrieval {top1:.3f} "
+                     f"(chance {1 / min(300, n_test):.3f}); PixCorr {values['PixCorr']:.3f}, "
+                     f"SSIM {values['SSIM']:.3f}, CLIP 2-way {100 * values['CLIP']:.1f}%")
+    lines.append(f"report: {report}")
     return "\n".join(lines)

@@ -134,13 +134,3 @@ def test_cli_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"brainmclip {__version__}"
-
-
-def test_demo_tiny(tmp_path, capsys):
-    assert main(["-q", "demo", "--tiny", "--out", str(tmp_path)]) == 0
-    printed = capsys.readouterr().out
-    assert "brainmclip demo" in printed and "subj02" in printed and "prepared subject 2" in printed
-    assert nsd_paths.expdesign_path(tmp_path / "nsd").exists()
-    assert (tmp_path / "prepared" / "subj01" / "manifest.json").exists()
-    assert "subj02 ridge" in printed and (tmp_path / "runs" / "subj02" / "brain_mclip" / "predictions_test").is_dir()
-    assert len(list((tmp_path / "runs" / "subj01" / "ridge" / "reconstructions_test").glob("*.png"))) == 40

@@ -141,10 +141,10 @@ class VersatileDiffusionGenerator:
 
     def to(self, device=None, dtype=None) -> VersatileDiffusionGenerator:
         # Casting to the dtype a model already has makes diffusers warn for nothing; skip it.
-        if dtype == self.dtype:
-            dtype = None
-        self.image_unet.to(device=device, dtype=dtype)
-        self.vae.to(device=device, dtype=dtype)
+        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype if dtype != self.dtype else None)) if v}
+        if kwargs:
+            self.image_unet.to(**kwargs)
+            self.vae.to(**kwargs)
         return self
 
     # ---------------------------------------------------------------------------------------------- steps

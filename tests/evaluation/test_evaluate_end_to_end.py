@@ -1,0 +1,65 @@
+"""`brainmclip evaluate` and `report` on the output of a real (tiny) chain."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from brainmclip.cli import main
+from brainmclip.data import nsd_paths
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The whole chain once (`brainmclip demo --tiny`), shared by the tests below."""
+    out = tmp_path_factory.mktemp("demo")
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["-q", "demo", "--tiny", "--out", str(out)]) == 0
+    return out, printed.getvalue()
+
+
+def test_demo_runs_every_stage(demo):
+    tmp_path, printed = demo
+    assert printed.startswith("brainmclip demo") and "subjects 1, 2" in printed
+    assert nsd_paths.expdesign_path(tmp_path / "nsd").exists()
+    assert (tmp_path / "prepared" / "subj01" / "manifest.json").exists()
+    assert (tmp_path / "runs" / "subj02" / "brain_mclip" / "predictions_test").is_dir()
+    assert len(list((tmp_path / "runs" / "subj01" / "ridge" / "reconstructions_test").glob("*.png"))) == 40
+
+
+def test_demo_chain_evaluates_and_reports(demo):
+    tmp_path, printed = demo
+    assert "report:" in printed and len(printed.strip().splitlines()) == 5
+    metrics = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
+    assert {(r["subject"], r["method"]) for r in metrics["runs"]} == {(1, "brain_mclip"), (1, "ridge"),
+                                                                     (2, "brain_mclip"), (2, "ridge")}
+    for run in metrics["runs"]:
+        assert len(run["metrics"]) == 8 and all(np.isfinite(v) for v in run["metrics"].values())
+        # No metric network weights exist here: every network column must say so.
+        assert set(run["uncalibrated"]) >= {"AlexNet(2)", "AlexNet(5)", "InceptionV3", "EffNet-B", "SwAV"}
+        low, high = run["ci95"]["SSIM"]
+        assert low <= run["metrics"]["SSIM"] <= high
+        assert run["retrieval"]["image"]["top1"]["n_way"] == 40
+    assert metrics["paired_tests"]["subj01"] and metrics["published"]
+    table = (tmp_path / "evaluation" / "metrics.md").read_text()
+    assert "(published)" in table and "†" in table
+    csv_rows = (tmp_path / "evaluation" / "metrics.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("subject,method,PixCorr") and len(csv_rows) == 1 + 4 + 2
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert "published" in html and "figures/" in html
+    # Rebuilding the report from the evaluation folder through the CLI works too.
+    assert main(["-q", "report", "--eval", str(tmp_path / "evaluation"), "--out", str(tmp_path / "report2")]) == 0
+    assert (tmp_path / "report2" / "index.html").exists()
+
+
+def test_evaluate_refuses_missing_weights_without_the_flag(demo, tmp_path, capsys):
+    recon = demo[0] / "runs" / "subj01" / "ridge" / "reconstructions_test"
+    code = main(["-q", "evaluate", "--recon", str(recon), "--out", str(tmp_path / "e"), "--clip", "tiny"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.count("\n") == 0 and "weights" in err.lower()

@@ -1,0 +1,263 @@
+"""Image-reconstruction metrics against independent reference computations (CPU, offline, random nets)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.spatial.distance import correlation as scipy_correlation
+from skimage.color import rgb2gray
+from skimage.metrics import structural_similarity
+from torchvision.transforms.v2 import functional as TF
+
+from brainmclip.evaluation.image_metrics import (
+    METRICS,
+    WEIGHT_FILES,
+    MetricProtocol,
+    correlation_distance,
+    evaluate_images,
+    load_metric_networks,
+    pearson_matrix,
+    ssim_columnwise,
+    two_way_from_corr,
+    two_way_identification,
+)
+
+# Small sizes for the network checks (CLIP's tiny towers need their 224 px input).
+SMALL = MetricProtocol(first_size=96, pixel_size=80, alexnet_size=96, inception_size=80, effnet_size=64,
+                       swav_size=64)
+
+
+def smooth_images(n: int, size: int, seed: int) -> np.ndarray:
+    """Distinct smooth colour images: upsampled low-resolution noise plus a gradient."""
+    rng = np.random.default_rng(seed)
+    low = torch.from_numpy(rng.random((n, 3, 6, 6))).float()
+    x = TF.resize(low, [size, size], interpolation=TF.InterpolationMode.BICUBIC, antialias=False)
+    x = x + torch.linspace(0, 0.3, size)[None, None, :, None]
+    return (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def noisy(images: np.ndarray, seed: int, scale: float = 40.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(images + rng.normal(0, scale, images.shape), 0, 255).astype(np.uint8)
+
+
+def reference_resize(images: np.ndarray, *sizes: int) -> torch.Tensor:
+    """The MindEye1 resizes via torchvision's functional resize (bilinear, no antialias)."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    for size in sizes:
+        x = TF.resize(x, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=False)
+    return x
+
+
+def brute_two_way(gt: np.ndarray, rec: np.ndarray) -> np.ndarray:
+    n = len(gt)
+    r = [[float(np.corrcoef(gt[i], rec[j])[0, 1]) for j in range(n)] for i in range(n)]
+    return np.array([sum(1 for i in range(n) if i != j and r[i][j] < r[j][j]) / (n - 1) for j in range(n)])
+
+
+@pytest.fixture(scope="module")
+def nets():
+    return load_metric_networks(METRICS, clip_model="tiny", allow_random=True)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    truths = smooth_images(6, 64, seed=1)
+    return noisy(smooth_images(6, 56, seed=1), seed=2), truths
+
+
+# -- pixel metrics ------------------------------------------------------------------------------------
+def test_pixcorr_matches_corrcoef(pair):
+    recons, truths = pair
+    out = evaluate_images(recons, truths, metrics=["PixCorr"])
+    rec, gt = reference_resize(recons, 256, 425), reference_resize(truths, 256, 425)
+    ref = [np.corrcoef(gt[i].numpy().ravel(), rec[i].numpy().ravel())[0, 1] for i in range(len(gt))]
+    np.testing.assert_allclose(out["per_image"]["PixCorr"], ref, rtol=0, atol=1e-6)
+    assert out["PixCorr"] == pytest.approx(np.mean(ref), abs=1e-6)
+    assert set(out) >= {"PixCorr", "per_image", "uncalibrated", "protocol"} and "SSIM" not in out
+
+
+def test_ssim_matches_skimage(pair):
+    recons, truths = pair
+    out = evaluate_images(recons, truths, metrics=["SSIM"])
+    rec = rgb2gray(reference_resize(recons, 256, 425).permute(0, 2, 3, 1).double().numpy())
+    gt = rgb2gray(reference_resize(truths, 256, 425).permute(0, 2, 3, 1).double().numpy())
+    ref = [structural_similarity(g, r, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                 data_range=1.0) for g, r in zip(gt, rec, strict=True)]
+    np.testing.assert_allclose(out["per_image"]["SSIM"], ref, rtol=0, atol=1e-6)
+    assert out["uncalibrated"] == []
+
+
+def test_columnwise_ssim_matches_loop_over_columns(pair):
+    recons, truths = pair
+    out = evaluate_images(recons, truths, metrics=["SSIM"], protocol=MetricProtocol(ssim="columnwise"))
+    rec = rgb2gray(reference_resize(recons, 256, 425).permute(0, 2, 3, 1).double().numpy())
+    gt = rgb2gray(reference_resize(truths, 256, 425).permute(0, 2, 3, 1).double().numpy())
+    kw = dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0)
+    ref = [np.mean([structural_similarity(g[:, j], r[:, j], **kw) for j in range(g.shape[1])])
+           for g, r in zip(gt[:3], rec[:3], strict=True)]
+    np.testing.assert_allclose(out["per_image"]["SSIM"][:3], ref, rtol=0, atol=1e-9)
+    # It is a different number from the 2-D SSIM.
+    assert not np.allclose(out["per_image"]["SSIM"], evaluate_images(recons, truths, metrics=["SSIM"])
+                           ["per_image"]["SSIM"], atol=1e-3)
+    assert ssim_columnwise(gt[0], gt[0]) == pytest.approx(1.0)
+
+
+def test_brain_diffuser_protocol_uses_pil_bilinear_224(pair):
+    recons, truths = pair
+    protocol = MetricProtocol(name="brain-diffuser")
+    assert (protocol.first_size, protocol.pixel_size, protocol.resize) == (224, 224, "pil")
+    out = evaluate_images(recons, truths, metrics=["PixCorr", "SSIM"], protocol=protocol)
+
+    def pil(images):
+        return np.stack([np.asarray(Image.fromarray(im).resize((224, 224), Image.BILINEAR)) / 255.0 for im in images])
+
+    rec, gt = pil(recons), pil(truths)
+    ref_r = [np.corrcoef(g.ravel(), r.ravel())[0, 1] for g, r in zip(gt, rec, strict=True)]
+    ref_s = [structural_similarity(rgb2gray(g), rgb2gray(r), gaussian_weights=True, sigma=1.5,
+                                   use_sample_covariance=False, data_range=1.0) for g, r in zip(gt, rec, strict=True)]
+    np.testing.assert_allclose(out["per_image"]["PixCorr"], ref_r, atol=1e-6)
+    np.testing.assert_allclose(out["per_image"]["SSIM"], ref_s, atol=1e-6)
+    assert out["protocol"]["name"] == "brain-diffuser"
+
+
+# -- identification and distances ---------------------------------------------------------------------
+def test_two_way_matches_brute_force():
+    rng = np.random.default_rng(0)
+    gt = rng.normal(size=(7, 50))
+    rec = gt + rng.normal(scale=1.5, size=gt.shape)
+    mean, per = two_way_identification(torch.from_numpy(gt).float(), torch.from_numpy(rec).float())
+    ref = brute_two_way(gt.astype(np.float32).astype(np.float64), rec.astype(np.float32).astype(np.float64))
+    np.testing.assert_allclose(per, ref, atol=0)
+    assert mean == pytest.approx(ref.mean())
+    r = pearson_matrix(gt, rec).numpy()
+    np.testing.assert_allclose(r, np.corrcoef(gt, rec)[:7, 7:], atol=1e-12)
+
+
+def test_two_way_ties_do_not_count():
+    # Column j compares the other ground truths r[i, j] with the true pair r[j, j]; equality is no win.
+    r = np.array([[0.90, 0.0, 0.0],
+                  [0.95, 0.3, 0.0],
+                  [0.95, 0.3, 0.1]])  # r[2, 1] == r[1, 1]: a tie, no win for recon 1
+    np.testing.assert_array_equal(two_way_from_corr(r), [0.0, 0.5, 1.0])
+    # The orientation matters: rows are ground truths, columns recons.
+    assert not np.array_equal(two_way_from_corr(r.T), two_way_from_corr(r))
+    # A duplicated ground truth makes an exact tie through the whole feature path.
+    rng = np.random.default_rng(3)
+    gt = rng.normal(size=(5, 30))
+    gt[1] = gt[0]
+    rec = gt + rng.normal(scale=0.3, size=gt.shape)
+    _, per = two_way_identification(gt, rec)
+    np.testing.assert_array_equal(per, brute_two_way(gt, rec))
+    assert per[0] == pytest.approx(3 / 4) and per[1] == pytest.approx(3 / 4)
+
+
+def test_correlation_distance_matches_scipy():
+    rng = np.random.default_rng(1)
+    gt = rng.normal(size=(6, 40))
+    rec = 0.5 * gt + rng.normal(size=gt.shape)
+    mean, per = correlation_distance(gt, rec)
+    ref = [scipy_correlation(g, r) for g, r in zip(gt, rec, strict=True)]
+    np.testing.assert_allclose(per, ref, atol=1e-12)
+    assert mean == pytest.approx(np.mean(ref))
+    assert correlation_distance(gt, gt)[0] == pytest.approx(0.0, abs=1e-12)
+
+
+# -- networks -----------------------------------------------------------------------------------------
+def test_identical_images_score_perfectly(nets):
+    truths = smooth_images(5, 64, seed=4)
+    out = evaluate_images(truths, truths, clip_model="tiny", networks=nets, batch_size=3)
+    assert out["PixCorr"] == pytest.approx(1.0, abs=1e-9)
+    assert out["SSIM"] == pytest.approx(1.0, abs=1e-9)
+    for metric in ("AlexNet(2)", "AlexNet(5)", "InceptionV3", "CLIP"):
+        assert out[metric] == 1.0, metric
+        np.testing.assert_array_equal(out["per_image"][metric], np.ones(5))
+    for metric in ("EffNet-B", "SwAV"):
+        assert out[metric] == pytest.approx(0.0, abs=1e-9), metric
+    assert set(METRICS) <= set(out) and set(out["per_image"]) == set(METRICS)
+    assert all(out["per_image"][m].shape == (5,) for m in METRICS)
+    assert sorted(out["uncalibrated"]) == sorted(METRICS[2:])
+    assert out["protocol"]["name"] == "mindeye1" and out["protocol"]["pixel_size"] == 425
+
+
+def test_network_metrics_match_reference_features(nets, pair):
+    recons, truths = pair
+    out = evaluate_images(recons, truths, protocol=SMALL, networks=nets, batch_size=4,
+                          metrics=["AlexNet(2)", "AlexNet(5)", "SwAV"])
+    rec, gt = reference_resize(recons, 96), reference_resize(truths, 96)
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    from torchvision import models
+
+    torch.manual_seed(0)
+    alex = models.alexnet(weights=None).eval()
+    torch.manual_seed(0)
+    resnet = models.resnet50(weights=None).eval()
+    with torch.no_grad():
+        for metric, stop in (("AlexNet(2)", 5), ("AlexNet(5)", 12)):
+            f = [alex.features[:stop]((x - mean) / std).flatten(1).double().numpy() for x in (gt, rec)]
+            np.testing.assert_allclose(out["per_image"][metric], brute_two_way(*f), atol=1e-12)
+
+    # SwAV at 64 px from the 96 px floats of the first resize (not re-quantised in between).
+    with torch.no_grad():
+        body = torch.nn.Sequential(*list(resnet.children())[:-1])
+        f = [body((TF.resize(x, [64, 64], antialias=False) - mean) / std).flatten(1).double().numpy()
+             for x in (gt, rec)]
+    ref = [scipy_correlation(g, r) for g, r in zip(*f, strict=True)]
+    np.testing.assert_allclose(out["per_image"]["SwAV"], ref, atol=1e-5)
+    assert out["uncalibrated"] == ["AlexNet(2)", "AlexNet(5)", "SwAV"]
+
+
+def test_missing_weights_raise_naming_network(tmp_path, monkeypatch, pair):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
+    recons, truths = pair
+    for metric, network in (("AlexNet(5)", "AlexNet"), ("InceptionV3", "InceptionV3"), ("EffNet-B", "EffNet-B"),
+                            ("SwAV", "SwAV")):
+        with pytest.raises(FileNotFoundError, match=network) as err:
+            evaluate_images(recons, truths, metrics=[metric], weights_dir=tmp_path / "weights")
+        assert "\n" not in str(err.value) and str(tmp_path / "weights") in str(err.value)
+    with pytest.raises(FileNotFoundError, match="CLIP"):
+        evaluate_images(recons, truths, metrics=["CLIP"], clip_model=str(tmp_path / "no-such-clip"))
+    out = evaluate_images(recons, truths, metrics=["CLIP"], clip_model=str(tmp_path / "no-such-clip"),
+                          allow_random=True)
+    assert out["uncalibrated"] == ["CLIP"]
+
+
+def test_local_weights_are_loaded_and_calibrated(tmp_path, monkeypatch):
+    """A SwAV checkpoint (DataParallel 'module.' keys, with a projection head) in weights_dir is used."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    from torchvision import models
+
+    torch.manual_seed(123)
+    resnet = models.resnet50(weights=None).eval()
+    state = {f"module.{k}": v for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
+    state["module.projection_head.0.weight"] = torch.zeros(2, 2)
+    torch.save(state, tmp_path / WEIGHT_FILES["SwAV"])
+    nets = load_metric_networks(["SwAV"], weights_dir=tmp_path)
+    assert nets["SwAV"].calibrated and str(tmp_path) in nets["SwAV"].source
+    truths = smooth_images(4, 64, seed=5)
+    recons = noisy(truths, seed=6)
+    out = evaluate_images(recons, truths, metrics=["SwAV"], networks=nets, protocol=SMALL)
+    assert out["uncalibrated"] == []
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    body = torch.nn.Sequential(*list(resnet.children())[:-1])
+    with torch.no_grad():
+        f = [body((reference_resize(x, 96, 64) - mean) / std).flatten(1).double().numpy() for x in (truths, recons)]
+    ref = [scipy_correlation(g, r) for g, r in zip(*f, strict=True)]
+    np.testing.assert_allclose(out["per_image"]["SwAV"], ref, atol=1e-5)
+
+
+def test_input_validation(pair):
+    recons, truths = pair
+    with pytest.raises(ValueError, match="uint8"):
+        evaluate_images(recons.astype(np.float32), truths, metrics=["PixCorr"])
+    with pytest.raises(ValueError, match="pair"):
+        evaluate_images(recons[:3], truths, metrics=["PixCorr"])
+    with pytest.raises(ValueError, match="Unknown metric"):
+        evaluate_images(recons, truths, metrics=["FID"])
+    with pytest.raises(ValueError, match="protocol"):
+        MetricProtocol(name="mindeye2")
