@@ -53,3 +53,21 @@ def remove_stale_temporaries(root: str | os.PathLike) -> int:
             path.unlink()
             count += 1
     return count
+
+
+def read_manifest(root: str | os.PathLike, fmt: str, what: str, command: str, complete: bool = True) -> dict:
+    """``root/manifest.json`` of a stage's output, checked: present, of format ``fmt`` and (optionally) complete.
+
+    ``what`` names the output ("a prepared dataset") and ``command`` the one that makes it, for
+    the one-line error a user sees.
+    """
+    root = Path(root)
+    manifest_file = root / "manifest.json"
+    if not manifest_file.is_file():
+        raise FileNotFoundError(f"{manifest_file}: missing; {root} is not {what} (run brainmclip {command})")
+    manifest = json.loads(manifest_file.read_text())
+    if manifest.get("format") != fmt:
+        raise ValueError(f"{manifest_file}: format {manifest.get('format')!r}; expected {fmt!r}")
+    if complete and not manifest.get("complete"):
+        raise ValueError(f"{root}: brainmclip {command} did not finish; rerun the same command to resume")
+    return manifest

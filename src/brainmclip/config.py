@@ -12,7 +12,18 @@ import json
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["load_config", "list_configs", "apply_overrides", "merge"]
+__all__ = ["apply_overrides", "check_keys", "list_configs", "load_config", "merge"]
+
+
+def check_keys(cls, d: dict, section: str) -> dict:
+    """Return ``d`` if every key is a field of dataclass ``cls``; else one clear ValueError."""
+    from dataclasses import fields
+
+    names = {f.name for f in fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"Unknown {section} config keys {sorted(unknown)}; known: {sorted(names)}")
+    return d
 
 
 def _config_dir():

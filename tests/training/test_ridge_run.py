@@ -3,22 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from brainmclip.cli import main
-from brainmclip.data.prepare import PrepareOptions, prepare_subject
 from brainmclip.evaluation.retrieval import similarity_matrix, top1_n_way
 from brainmclip.features import open_feature_store
-from brainmclip.features.extract import extract_features
 from brainmclip.models.predictions import load_predictions
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tiny_nsd, tmp_path_factory):
-    base = tmp_path_factory.mktemp("ridge")
-    prepared = prepare_subject(tiny_nsd.root, 1, base / "prepared", PrepareOptions(), progress=False)
-    extract_features([prepared.root], base / "features", model="tiny", progress=False)
-    return prepared.root, base / "features"
 
 
 def test_ridge_run_predicts_in_the_shared_format(tiny_data, tmp_path, capsys):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from brainmclip.atomic import write_json_atomic
+from brainmclip.atomic import read_manifest, write_json_atomic
 from brainmclip.types import FmriSamples
 
 __all__ = ["PREPARED_FORMAT", "SPLITS", "VoxelSet", "PreparedSubject", "PreparedWriter", "load_prepared",
@@ -159,14 +159,7 @@ def _ranges(values) -> str:
 def load_prepared(path: str | os.PathLike, images: bool = True) -> PreparedSubject:
     """Open a prepared dataset; arrays are memory-mapped, not read whole."""
     root = Path(path)
-    manifest_file = root / "manifest.json"
-    if not manifest_file.is_file():
-        raise FileNotFoundError(f"{manifest_file}: missing; {root} is not a prepared dataset (run brainmclip prepare)")
-    manifest = json.loads(manifest_file.read_text())
-    if manifest.get("format") != PREPARED_FORMAT:
-        raise ValueError(f"{manifest_file}: format {manifest.get('format')!r}; expected {PREPARED_FORMAT!r}")
-    if not manifest.get("complete"):
-        raise ValueError(f"{root}: preparation did not finish; rerun the same prepare command to resume")
+    manifest = read_manifest(root, PREPARED_FORMAT, "a prepared dataset", "prepare")
     voxels = VoxelSet.load(root / "voxels.npz")
     splits = {}
     for split in SPLITS:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from brainmclip.atomic import TEMP_MARKER, write_json_atomic
+from brainmclip.atomic import TEMP_MARKER, read_manifest, write_json_atomic
 
 __all__ = ["FeatureStore", "STORE_FORMAT", "TARGETS", "open_feature_store"]
 
@@ -166,10 +166,6 @@ class FeatureStore:
 def open_feature_store(root: str | os.PathLike) -> FeatureStore:
     """Open an existing store for reading."""
     root = Path(root)
-    manifest_file = root / "manifest.json"
-    if not manifest_file.is_file():
-        raise FileNotFoundError(f"{manifest_file}: missing; {root} is not a feature store (run brainmclip extract)")
-    manifest = json.loads(manifest_file.read_text())
-    if manifest.get("format") != STORE_FORMAT:
-        raise ValueError(f"{manifest_file}: format {manifest.get('format')!r}; expected {STORE_FORMAT!r}")
+    # A store is usable while it grows: shards are complete on their own, so no "complete" flag.
+    manifest = read_manifest(root, STORE_FORMAT, "a feature store", "extract", complete=False)
     return FeatureStore(root, manifest)

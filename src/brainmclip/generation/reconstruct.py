@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from brainmclip import __version__
-from brainmclip.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
+from brainmclip.atomic import atomic_path, read_manifest, remove_stale_temporaries, write_json_atomic
 from brainmclip.models.predictions import load_predictions
 from brainmclip.types import GeneratedImages
 
@@ -202,12 +202,7 @@ def _choose(candidates: list[np.ndarray], predicted_image, extractor) -> tuple[n
 
 def load_reconstructions(path) -> GeneratedImages:
     root = Path(path)
-    manifest_file = root / "manifest.json"
-    if not manifest_file.is_file():
-        raise FileNotFoundError(f"{manifest_file}: missing; {root} holds no reconstructions (run brainmclip reconstruct)")
-    manifest = json.loads(manifest_file.read_text())
-    if manifest.get("format") != RECON_FORMAT or not manifest.get("complete"):
-        raise ValueError(f"{root}: reconstruction did not finish; rerun the same command to resume")
+    manifest = read_manifest(root, RECON_FORMAT, "a reconstruction folder", "reconstruct")
     pred = load_predictions(manifest["settings"]["predictions"])
     ids = np.asarray(pred.stimulus_ids)
     return GeneratedImages(root, ids, [root / _png_name(i) for i in ids], manifest)

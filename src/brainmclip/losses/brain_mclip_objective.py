@@ -11,11 +11,12 @@ and, unless switched off, the two crossed ones. L_MG's terms are set by :class:`
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor
 
+from brainmclip.config import check_keys
 from brainmclip.losses.multi_granularity import LossWeights, multi_granularity_loss
 from brainmclip.losses.reconstruction import mse
 
@@ -36,11 +37,7 @@ class ObjectiveConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ObjectiveConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"Unknown loss config keys {sorted(unknown)}; known: {sorted(names)}")
-        d = dict(d)
+        d = dict(check_keys(cls, d, "loss"))
         for key in ("text", "image"):
             if key in d and isinstance(d[key], dict):
                 d[key] = LossWeights(**d[key])

@@ -10,11 +10,12 @@ F_S are the high-level (floc) voxels, F_D the low- and high-level ones (SPEC sec
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from brainmclip.config import check_keys
 from brainmclip.models.layers import EncoderBlock, ResidualMlpBlock, TokenHead, count_parameters
 
 __all__ = ["BrainMCLIPConfig", "BrainMCLIP", "BrainMCLIPOutput", "BRANCHES"]
@@ -77,11 +78,7 @@ class BrainMCLIPConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> BrainMCLIPConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"Unknown BrainMCLIP config keys {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**d)
+        return cls(**check_keys(cls, d, "BrainMCLIP"))
 
 
 @dataclass

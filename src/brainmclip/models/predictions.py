@@ -12,14 +12,13 @@ Files are staged and renamed; the manifest is written last with ``"complete": tr
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from brainmclip.atomic import TEMP_MARKER, write_json_atomic
+from brainmclip.atomic import TEMP_MARKER, read_manifest, write_json_atomic
 from brainmclip.types import DecodedEmbeddings
 
 __all__ = ["PREDICTION_FORMAT", "PREDICTION_ARRAYS", "write_predictions", "load_predictions"]
@@ -64,12 +63,7 @@ def write_predictions(out: str | os.PathLike, stimulus_ids: np.ndarray, arrays: 
 
 def load_predictions(path: str | os.PathLike, mmap: bool = True) -> DecodedEmbeddings:
     root = Path(path)
-    manifest_file = root / "manifest.json"
-    if not manifest_file.is_file():
-        raise FileNotFoundError(f"{manifest_file}: missing; {root} holds no predictions (run brainmclip predict)")
-    manifest = json.loads(manifest_file.read_text())
-    if manifest.get("format") != PREDICTION_FORMAT or not manifest.get("complete"):
-        raise ValueError(f"{manifest_file}: not a complete {PREDICTION_FORMAT} manifest")
+    manifest = read_manifest(root, PREDICTION_FORMAT, "a prediction folder", "predict")
     mode = "r" if mmap else None
     arrays = {name: np.load(root / f"{name}.npy", mmap_mode=mode) if (root / f"{name}.npy").exists() else None
               for name in PREDICTION_ARRAYS}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from brainmclip import __version__
 from brainmclip.atomic import atomic_path, write_json_atomic
-from brainmclip.config import load_config
+from brainmclip.config import check_keys, load_config
 from brainmclip.data.prepared import load_prepared
 from brainmclip.evaluation.retrieval import similarity_matrix, top1_n_way
 from brainmclip.features.feature_store import open_feature_store
@@ -60,11 +60,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"Unknown train config keys {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**d)
+        return cls(**check_keys(cls, d, "train"))
 
 
 @dataclass(frozen=True)
