@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import resource
 import shutil
 import subprocess
@@ -20,6 +19,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _results import report
 
 from brainmclip.data import nsd_paths
 from brainmclip.data.prepare import PrepareOptions, prepare_subject
@@ -84,10 +85,7 @@ def main(argv=None) -> int:
         "goal": ">= 0.7",
         "prepare_peak_rss_mb": round(rss, 1),
     }
-    for key, value in results.items():
-        print(f"{key:>26}: {value}")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    report(results, args.json)
     return 0
 
 

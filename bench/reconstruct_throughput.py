@@ -11,13 +11,13 @@ their ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _results import report
 
 from brainmclip.generation.reconstruct import ReconstructOptions, reconstruct
 from brainmclip.models.predictions import write_predictions
@@ -45,10 +45,7 @@ def main(argv=None) -> int:
             reconstruct(pred, Path(tmp) / f"b{batch}", options, progress=False)
             results[f"batch{batch}_images_per_s"] = round(args.images / (time.perf_counter() - start), 2)
     results["ratio_batch8_over_batch1"] = round(results["batch8_images_per_s"] / results["batch1_images_per_s"], 2)
-    for key, value in results.items():
-        print(f"{key:>26}: {value}")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    report(results, args.json)
     return 0
 
 

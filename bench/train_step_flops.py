@@ -13,13 +13,13 @@ Needs about 14 GB of memory (weights, gradients and AdamW state in fp32).
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _results import report
 
 from brainmclip.config import load_config
 from brainmclip.losses.brain_mclip_objective import ObjectiveConfig, brain_mclip_objective
@@ -90,10 +90,7 @@ def main(argv=None) -> int:
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "threads": torch.get_num_threads(),
     }
-    for key, value in result.items():
-        print(f"{key:>16}: {value}")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    report(result, args.json)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -71,3 +72,22 @@ def read_manifest(root: str | os.PathLike, fmt: str, what: str, command: str, co
     if complete and not manifest.get("complete"):
         raise ValueError(f"{root}: brainmclip {command} did not finish; rerun the same command to resume")
     return manifest
+
+
+def stage_arrays(final: str | os.PathLike, ids, arrays: dict, ids_name: str, dtype="float16") -> Path:
+    """Write ``ids`` and ``arrays`` as ``.npy`` files into a fresh hidden folder beside ``final``.
+
+    Returns the staging folder; the caller renames it (or its files) into place once complete,
+    so a reader never sees a partial set. Arrays are stored as ``dtype`` (float16 halves disk).
+    """
+    import numpy as np
+
+    final = Path(final)
+    stage = final.with_name(f".{final.name}{TEMP_MARKER}{os.getpid()}")
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    np.save(stage / f"{ids_name}.npy", ids)
+    for name, array in arrays.items():
+        np.save(stage / f"{name}.npy", np.asarray(array, dtype))
+    return stage

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from brainmclip.atomic import TEMP_MARKER, read_manifest, write_json_atomic
+from brainmclip.atomic import TEMP_MARKER, read_manifest, stage_arrays, write_json_atomic
 
 __all__ = ["FeatureStore", "STORE_FORMAT", "TARGETS", "open_feature_store"]
 
@@ -105,14 +105,7 @@ class FeatureStore:
             if not np.isfinite(array).all():
                 raise ValueError(f"{name}: non-finite features for ids starting {ids[0]}; refusing to store them")
         final = self.root / "shards" / f"shard_{ids.min():06d}"
-        tmp = final.with_name(f".{final.name}{TEMP_MARKER}{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        np.save(tmp / "ids.npy", ids)
-        for name, array in arrays.items():
-            np.save(tmp / f"{name}.npy", np.asarray(array, np.float16))
-        os.replace(tmp, final)
+        os.replace(stage_arrays(final, ids, arrays, "ids"), final)
         self._index = None
         return final
 

@@ -13,12 +13,11 @@ Files are staged and renamed; the manifest is written last with ``"complete": tr
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from brainmclip.atomic import TEMP_MARKER, read_manifest, write_json_atomic
+from brainmclip.atomic import read_manifest, stage_arrays, write_json_atomic
 from brainmclip.types import DecodedEmbeddings
 
 __all__ = ["PREDICTION_FORMAT", "PREDICTION_ARRAYS", "write_predictions", "load_predictions"]
@@ -41,13 +40,7 @@ def write_predictions(out: str | os.PathLike, stimulus_ids: np.ndarray, arrays: 
             raise ValueError(f"{name}: shape {value.shape}; expected ({len(ids)}, tokens, embed_dim)")
         if not np.isfinite(value).all():
             raise ValueError(f"{name}: predictions hold NaN or inf; refusing to write them")
-    stage = out / f".staging{TEMP_MARKER}{os.getpid()}"
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir(parents=True)
-    np.save(stage / "stimulus_ids.npy", ids)
-    for name, value in arrays.items():
-        np.save(stage / f"{name}.npy", np.asarray(value, np.float16))
+    stage = stage_arrays(out / "staging", ids, arrays, "stimulus_ids")
     (out / "manifest.json").unlink(missing_ok=True)
     for path in stage.iterdir():
         os.replace(path, out / path.name)
