@@ -41,6 +41,28 @@ def test_full_model_outputs_and_cross_reconstruction():
     assert not hasattr(model, "image_semantic_head") and model.image_head.proj.out_features == 257 * 8
 
 
+@pytest.mark.parametrize("head_rank", [0, 4])
+def test_heads_start_at_the_target_mean(head_rank):
+    model = _model({"model": {"head_rank": head_rank, "dropout": 0.0}})
+    g = torch.Generator().manual_seed(1)
+    means = {"text": torch.randn(77, 8, generator=g), "image_semantic": torch.randn(257, 8, generator=g),
+             "image_detail": torch.randn(257, 8, generator=g)}
+    model.start_at_mean(means)
+    b = _batch(seed=2)
+    out = model(b["semantic"], b["detail"])
+    # Whatever the fMRI, the untrained model predicts the mean; the image head the mean of E_I.
+    torch.testing.assert_close(out.text, means["text"].expand(6, 77, 8))
+    torch.testing.assert_close(out.image, ((means["image_semantic"] + means["image_detail"]) / 2).expand(6, 257, 8))
+    # ... and it still learns: the zeroed weights get gradients at once.
+    loss, _ = brain_mclip_objective(out, b, b["semantic"], b["detail"], ObjectiveConfig())
+    loss.backward()
+    last = model.image_head.proj[-1] if head_rank else model.image_head.proj
+    assert last.weight.grad.abs().sum() > 0 and all(torch.isfinite(p.grad).all() for p in model.parameters()
+                                                    if p.grad is not None)
+    with pytest.raises(ValueError, match="head outputs"):
+        model.text_head.start_at(torch.zeros(76, 8))
+
+
 @pytest.mark.parametrize("ablation", ABLATIONS)
 def test_each_ablation_is_one_switch_that_builds_and_learns(ablation):
     cfg = load_config(["brain_mclip_tiny", ablation])

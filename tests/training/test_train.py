@@ -35,11 +35,28 @@ def test_train_predict_and_retrieve_above_chance(tiny_data, tmp_path, capsys):
     # Chance puts it at the 50th percentile of the candidates.
     percentile = np.mean([(sim[i] < sim[i, i]).sum() / (len(sim) - 1) for i in range(len(sim))])
     assert percentile > 0.65
+    # Better than the constant mean prediction on held-out images (R^2 over all target elements > 0).
+    flat, truth = np.asarray(pred.image, np.float64).reshape(len(pred), -1), fused.reshape(len(pred), -1)
+    r2 = 1 - ((flat - truth) ** 2).sum() / ((truth - truth.mean(0)) ** 2).sum()
+    assert r2 > 0.2, r2
     assert top1_n_way(sim, n_way=len(pred), n_repeats=1)["image_retrieval"]["mean"] >= 1 / len(pred)
     assert pred.text.shape[1:] == (77, 32) and pred.manifest["method"] == "brain_mclip"
     state = load_checkpoint(run / "checkpoint_last.pt")  # weights-only load works
     assert state["config"]["model"]["hidden_dim"] == 128 and state["identities"]["features"]["format"]
     assert list((run / "tensorboard").glob("events.*"))
+
+
+def test_target_means_weight_rows_like_training(tiny_data):
+    from brainmclip.data.prepared import load_prepared
+    from brainmclip.training.data import PairedSplit
+
+    data, features = tiny_data
+    store = open_feature_store(features)
+    split = PairedSplit(load_prepared(data), "train", store)
+    means = split.target_means(batch_size=7)  # several partial batches
+    rows = store.get(split.stimulus_ids)  # one row per training row, repeats included
+    for name, value in rows.items():
+        np.testing.assert_allclose(means[name].numpy(), value.astype(np.float64).mean(0), rtol=0, atol=1e-6)
 
 
 def test_resume_mid_epoch_gives_the_uninterrupted_result(tiny_data, tmp_path):

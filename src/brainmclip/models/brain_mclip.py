@@ -47,6 +47,9 @@ class BrainMCLIPConfig:
         "image_semantic"] and ["text", "image_detail"] are the single-path image ablations.
     cross_reconstruction : bool
         Decode each image code into the other group's voxels (off: self-reconstruction only).
+    start_at_mean : bool
+        Training starts the output heads' biases at the training targets' mean (ours; the paper
+        is silent). Off: zero biases, PyTorch's default.
     """
 
     n_semantic_voxels: int = 0
@@ -60,6 +63,7 @@ class BrainMCLIPConfig:
     head_rank: int = 0
     branches: list[str] = field(default_factory=lambda: list(BRANCHES))
     cross_reconstruction: bool = True
+    start_at_mean: bool = True
 
     def __post_init__(self):
         unknown = set(self.branches) - set(BRANCHES)
@@ -155,6 +159,16 @@ class BrainMCLIP(nn.Module):
         else:
             image = image_s if image_s is not None else image_d
         return BrainMCLIPOutput(text, image, image_s, image_d, recs)
+
+    def start_at_mean(self, means: dict[str, Tensor]) -> None:
+        """Start each output head at the mean target (``text``; ``image_semantic`` and ``image_detail``).
+
+        The shared image head predicts both image parts, so it starts at their average, E_I's mean.
+        """
+        if "text" in self.config.branches:
+            self.text_head.start_at(means["text"])
+        if self.config.has_image:
+            self.image_head.start_at((means["image_semantic"] + means["image_detail"]) / 2)
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per top-level module and in total."""

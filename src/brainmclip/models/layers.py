@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["EncoderBlock", "ResidualMlpBlock", "TokenHead", "count_parameters"]
@@ -51,6 +52,23 @@ class TokenHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x).view(*x.shape[:-1], self.tokens, self.embed_dim)
+
+    @torch.no_grad()
+    def start_at(self, mean: Tensor) -> None:
+        """Make the head output ``mean`` (tokens, embed_dim) for every input: bias = mean, last weights = 0.
+
+        PyTorch's default init makes a hidden -> 257 x 768 head emit noise an order of magnitude
+        larger than VD-normalised CLIP tokens (|CLS| = 1, so elements are ~0.04), and CLIP stacks
+        share a large component across images. A default-initialised head spends its first
+        epochs undoing both, while the scale-free CKA and Sims terms keep the noise alive; on
+        the small simulated preset it ended below the mean predictor (median R^2 -0.56). Started
+        at the mean it learns only what tells images apart (R^2 0.67, same run otherwise).
+        """
+        if tuple(mean.shape) != (self.tokens, self.embed_dim):
+            raise ValueError(f"mean has shape {tuple(mean.shape)}, the head outputs {(self.tokens, self.embed_dim)}")
+        last = self.proj[-1] if isinstance(self.proj, nn.Sequential) else self.proj
+        last.bias.copy_(mean.reshape(-1).to(last.bias))
+        last.weight.zero_()
 
 
 def count_parameters(module: nn.Module) -> int:

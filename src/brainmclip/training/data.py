@@ -53,3 +53,21 @@ class PairedSplit:
             feats = self.store.get(self.samples.stimulus_ids[rows], targets)
             batch.update({k: torch.from_numpy(v) for k, v in feats.items()})
         return batch
+
+    def target_means(self, batch_size: int = 256) -> dict[str, torch.Tensor]:
+        """Mean of each target over this split's rows (float64 sums, streamed ``batch_size`` images at a time).
+
+        Rows are weighted as training sees them (an image repeated in single-trial data counts
+        once per row), so this is the constant prediction with the lowest training MSE.
+        """
+        if self.store is None:
+            raise ValueError("target_means needs a feature store")
+        ids, counts = np.unique(self.samples.stimulus_ids, return_counts=True)
+        sums: dict[str, np.ndarray] = {}
+        for start in range(0, len(ids), batch_size):
+            feats = self.store.get(ids[start:start + batch_size])
+            w = counts[start:start + batch_size].astype(np.float64)
+            for k, v in feats.items():
+                part = np.tensordot(w, v, axes=(0, 0))
+                sums[k] = sums[k] + part if k in sums else part
+        return {k: torch.from_numpy((v / counts.sum()).astype(np.float32)) for k, v in sums.items()}

@@ -179,6 +179,8 @@ def train_brain_mclip(data, features, config: dict | str | list[str], out, resum
     accelerator = Accelerator(cpu=cpu, mixed_precision="bf16" if use_bf16 else "no")
     torch.manual_seed(train_cfg.seed)
     model = build_model(cfg.get("model", {}), prepared, store.manifest["settings"], data_cfg)
+    if state is None and model.config.start_at_mean:
+        model.start_at_mean(train_split.target_means())
     # fused AdamW: one kernel over all parameters; the step is memory-bound at 0.76B parameters.
     optimizer = torch.optim.AdamW(_param_groups(model, train_cfg.weight_decay), lr=train_cfg.max_lr, fused=True)
     world = accelerator.num_processes
