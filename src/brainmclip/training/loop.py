@@ -29,6 +29,7 @@ from brainmclip.features.feature_store import open_feature_store
 from brainmclip.losses.brain_mclip_objective import ObjectiveConfig, brain_mclip_objective
 from brainmclip.models.brain_mclip import BrainMCLIP, BrainMCLIPConfig
 from brainmclip.training.checkpoint import identity_of, load_checkpoint, save_checkpoint
+from brainmclip.training.cpu_memory import keep_freed_memory
 from brainmclip.training.data import PairedSplit
 
 __all__ = ["RUN_FILE", "TrainConfig", "TrainResult", "build_model", "load_best_model", "train_brain_mclip"]
@@ -141,6 +142,11 @@ def train_brain_mclip(data, features, config: dict | str | list[str], out, resum
     ``stop_after_steps`` ends this call after that many optimizer steps with a checkpoint, as
     a preempted job would; ``resume=True`` continues from the run's last checkpoint.
     """
+    with keep_freed_memory(enabled=cpu or not torch.cuda.is_available()):
+        return _train(data, features, config, out, resume, overrides, stop_after_steps, cpu, progress)
+
+
+def _train(data, features, config, out, resume, overrides, stop_after_steps, cpu, progress) -> TrainResult:
     from accelerate import Accelerator
     from torch.utils.tensorboard import SummaryWriter
 
