@@ -51,12 +51,13 @@ def _finished(run: Path) -> bool:
     return bool(load_checkpoint(run / "checkpoint_last.pt")["progress"]["finished"])
 
 
-def _retrieval(pred_dir: Path, features: Path) -> float:
+def _retrieval(pred_dir: Path, features: Path) -> tuple[float, float]:
     pred = load_predictions(pred_dir)
     targets = open_feature_store(features).get(pred.stimulus_ids, ("image_semantic", "image_detail"))
     fused = (targets["image_semantic"] + targets["image_detail"]) / 2
     sim = similarity_matrix(np.asarray(pred.image, np.float32), fused)
-    return top1_n_way(sim, n_way=300, n_repeats=30)["image_retrieval"]["mean"]
+    top1 = top1_n_way(sim, n_way=300, n_repeats=30)
+    return top1["image_retrieval"]["mean"], top1["brain_retrieval"]["mean"]
 
 
 def run_synthetic_demo(out_dir, tiny: bool = False, seed: int = 0, progress: bool = True) -> str:
@@ -95,8 +96,8 @@ def run_synthetic_demo(out_dir, tiny: bool = False, seed: int = 0, progress: boo
              "metric networks (metrics check the pipeline, not the methods)"]
     n_test = len(prepared[0].test)
     for method, values in evaluation["mean_over_subjects"].items():
-        top1 = np.mean([scores[(s, method)] for s in DEMO_SUBJECTS])
-        lines.append(f"  {method:<12} {min(300, n_test)}-way image retrieval {top1:.3f} "
+        image, brain = np.mean([scores[(s, method)] for s in DEMO_SUBJECTS], axis=0)
+        lines.append(f"  {method:<12} {min(300, n_test)}-way top-1 image / brain retrieval {image:.3f} / {brain:.3f} "
                      f"(chance {1 / min(300, n_test):.3f}); PixCorr {values['PixCorr']:.3f}, "
                      f"SSIM {values['SSIM']:.3f}, CLIP 2-way {100 * values['CLIP']:.1f}%")
     lines.append(f"report: {report}")

@@ -102,12 +102,13 @@ def evaluate_reconstructions(recon_dirs, out, protocol=None, clip_model: str = "
                              weights_dir=None, allow_random: bool = False, n_boot: int = 1000, seed: int = 0,
                              batch_size: int = 32) -> dict:
     """Evaluate reconstruction folders; write metrics.json, metrics.csv, metrics.md and per_image.npz to ``out``."""
-    from brainmclip.evaluation.image_metrics import MetricProtocol, evaluate_images
+    from brainmclip.evaluation.image_metrics import METRICS, MetricProtocol, evaluate_images, load_metric_networks
 
     start = time.perf_counter()
     protocol = protocol or MetricProtocol()
     out = Path(out)
     entries, per_image_all = [], {}
+    networks, truth_cache = None, {}
     for recon_dir in recon_dirs:
         recon = load_reconstructions(recon_dir)
         pred_manifest, run, pred_dir = _run_info(recon)
@@ -118,8 +119,11 @@ def evaluate_reconstructions(recon_dirs, out, protocol=None, clip_model: str = "
         ids = recon.stimulus_ids
         recons = np.stack([recon.load(i) for i in range(len(recon))])
         truths = _truth_images(data, ids)
+        if networks is None:  # loaded once, after the inputs are known to be there
+            networks = load_metric_networks(METRICS, clip_model, weights_dir, allow_random)
         result = evaluate_images(recons, truths, protocol=protocol, clip_model=clip_model, weights_dir=weights_dir,
-                                 allow_random=allow_random, batch_size=batch_size)
+                                 allow_random=allow_random, batch_size=batch_size, networks=networks,
+                                 truth_cache=truth_cache)
         subject, method = int(pred_manifest.get("subject", 0)), str(pred_manifest.get("method", "unknown"))
         key = f"subj{subject:02d}/{method}"
         per_image = {m: np.asarray(v) for m, v in result["per_image"].items()}

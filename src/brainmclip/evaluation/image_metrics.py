@@ -53,6 +53,7 @@ are only good for testing the machinery, never for reporting). CLIP is loaded wi
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -415,13 +416,16 @@ def network_features(net: MetricNetwork, x: torch.Tensor, size: int) -> dict[str
 def evaluate_images(recons, truths, protocol: MetricProtocol | None = None,
                     clip_model: str = "openai/clip-vit-large-patch14", weights_dir=None, allow_random: bool = False,
                     batch_size: int = 32, device: str | torch.device = "cpu", metrics: Sequence[str] = METRICS,
-                    networks: dict[str, MetricNetwork] | None = None) -> dict:
+                    networks: dict[str, MetricNetwork] | None = None, truth_cache: dict | None = None) -> dict:
     """All (or the requested) metrics for paired uint8 images; see the module notes for definitions.
 
     Returns ``{metric: float}`` for each metric, plus ``"per_image"`` ({metric: float64 (n,)}: PixCorr
     r_i, SSIM_i, identification of recon j, distance_i), ``"uncalibrated"`` (metrics computed with
     random networks), ``"protocol"``, ``"networks"`` ({network: weights source}), ``"n"`` and
-    ``"seconds"``. ``networks`` reuses networks from :func:`load_metric_networks`.
+    ``"seconds"``. ``networks`` reuses networks from :func:`load_metric_networks`. ``truth_cache``,
+    a dict the caller keeps between calls with the same ``networks``, stores the ground truth's
+    network features by content, so methods and subjects scored on the same test images (NSD's
+    shared 1000) run the networks over them once.
     """
     t0 = time.perf_counter()
     protocol = protocol or MetricProtocol()
@@ -439,6 +443,12 @@ def evaluate_images(recons, truths, protocol: MetricProtocol | None = None,
 
     per_pixel: dict[str, list[np.ndarray]] = {m: [] for m in PIXEL_METRICS if m in metrics}
     feats = {m: ([], []) for net in networks.values() for m in net.metrics if m in metrics}
+    truth_key = None
+    if truth_cache is not None:
+        digest = hashlib.sha1(np.ascontiguousarray(truths).data, usedforsecurity=False)
+        digest.update(repr((truths.shape, protocol.as_dict(), sorted(feats))).encode())
+        truth_key = digest.hexdigest()
+    cached = truth_cache.get(truth_key) if truth_key else None
     for start in range(0, n, batch_size):
         rec = first_resize(recons[start:start + batch_size], protocol)
         gt = first_resize(truths[start:start + batch_size], protocol)
@@ -450,15 +460,20 @@ def evaluate_images(recons, truths, protocol: MetricProtocol | None = None,
                 per_pixel["SSIM"].append(ssim(rec_px, gt_px, protocol.ssim))
         for name, net in networks.items():
             size = protocol.network_size(name)
-            f_gt, f_rec = network_features(net, gt, size), network_features(net, rec, size)
+            f_rec = network_features(net, rec, size)
+            f_gt = None if cached else network_features(net, gt, size)
             for m in net.metrics:
                 if m in feats:
-                    feats[m][0].append(f_gt[m])
+                    if f_gt is not None:
+                        feats[m][0].append(f_gt[m])
                     feats[m][1].append(f_rec[m])
 
+    truth_feats = cached or {m: torch.cat(f_gt) for m, (f_gt, _) in feats.items()}
+    if truth_key and not cached:
+        truth_cache[truth_key] = truth_feats
     per_image: dict[str, np.ndarray] = {m: np.concatenate(v) for m, v in per_pixel.items()}
-    for m, (f_gt, f_rec) in feats.items():
-        f_gt, f_rec = torch.cat(f_gt), torch.cat(f_rec)
+    for m, (_, f_rec) in feats.items():
+        f_gt, f_rec = truth_feats[m], torch.cat(f_rec)
         if m in IDENTIFICATION_METRICS:
             per_image[m] = two_way_identification(f_gt, f_rec, device=device)[1]
         else:
