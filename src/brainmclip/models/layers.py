@@ -57,12 +57,13 @@ class TokenHead(nn.Module):
     def start_at(self, mean: Tensor) -> None:
         """Make the head output ``mean`` (tokens, embed_dim) for every input: bias = mean, last weights = 0.
 
-        PyTorch's default init makes a hidden -> 257 x 768 head emit noise an order of magnitude
-        larger than VD-normalised CLIP tokens (|CLS| = 1, so elements are ~0.04), and CLIP stacks
-        share a large component across images. A default-initialised head spends its first
-        epochs undoing both, while the scale-free CKA and Sims terms keep the noise alive; on
-        the small simulated preset it ended below the mean predictor (median R^2 -0.56). Started
-        at the mean it learns only what tells images apart (R^2 0.67, same run otherwise).
+        PyTorch's default init makes the head emit image-to-image noise several times larger than
+        the targets vary (4x for the toy model on the small simulated preset: sd 0.38 vs 0.094;
+        paper-size 768-wide VD-normalised tokens are smaller still, ~0.04 per element), and CLIP
+        stacks share a large component across images. A default-initialised head spends its
+        first epochs undoing both while the scale-free CKA and Sims terms keep the noise alive;
+        on the small preset it ended below the mean predictor (median R^2 -0.56). Started at
+        the mean it learns only what tells images apart.
         """
         if tuple(mean.shape) != (self.tokens, self.embed_dim):
             raise ValueError(f"mean has shape {tuple(mean.shape)}, the head outputs {(self.tokens, self.embed_dim)}")
