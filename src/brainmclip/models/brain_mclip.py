@@ -48,8 +48,8 @@ class BrainMCLIPConfig:
     cross_reconstruction : bool
         Decode each image code into the other group's voxels (off: self-reconstruction only).
     start_at_mean : bool
-        Training starts the output heads' biases at the training targets' mean (ours; the paper
-        is silent). Off: zero biases, PyTorch's default.
+        A new training run starts each output head at the training targets' mean (bias = mean,
+        last weights = 0; ours, the paper is silent). Off: PyTorch's default init.
     """
 
     n_semantic_voxels: int = 0

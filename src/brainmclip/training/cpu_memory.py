@@ -3,7 +3,8 @@
 Every backward pass allocates fresh gradient buffers (about 3 GB at the paper's size) and the
 optimizer frees them again. glibc serves allocations that large with ``mmap`` and returns them to
 the kernel on ``free``, so every step pays for the kernel zeroing and page-faulting gigabytes
-again: on 2 CPU cores that was a quarter of a BrainMCLIP step (``bench/train_step_flops.py``).
+again: on 2 CPU cores that was 11-13% of a BrainMCLIP step in ``bench/train_step_flops.py``
+(batch 32 / 64), and more in a fresh process.
 Telling glibc to serve them from its heap and never trim it makes the second step reuse the
 first step's pages. The process keeps its peak footprint until the setting is undone, which a
 training process reaches anyway after one step.
