@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 import torch
+from _results import save_json
 from scipy.spatial.distance import correlation as scipy_correlation
 from skimage.color import rgb2gray
 from skimage.metrics import structural_similarity
@@ -138,9 +139,7 @@ def main(argv=None) -> dict:
     else:
         for m in METRICS:
             print(f"{m:<12}{ours[m]:>12.6f}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(summary, fh, indent=2)
+    save_json(summary, args.json)
     return summary
 
 

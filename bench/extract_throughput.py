@@ -11,7 +11,6 @@ resident memory is read after each model. Weights are random: the timing is what
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _results import save_json
 
 from brainmclip.features import ClipFeatureExtractor, random_clip
 
@@ -80,8 +80,7 @@ def main(argv=None) -> int:
         result = bench_model(name, n, args.batch_size, args.repeats)
         results.append(result)
         print(" ".join(f"{k}={v}" for k, v in result.items()), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    save_json(results, args.json)
     return 0
 
 

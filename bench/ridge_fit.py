@@ -17,13 +17,13 @@ needs less than an earlier one leaves it unchanged).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import time
 
 import numpy as np
 import torch
+from _results import save_json
 
 from brainmclip.models.ridge import RidgeDecoder, kfold_indices
 
@@ -125,9 +125,7 @@ def main(argv=None) -> dict:
     print(f"speed-up sklearn / ours: {results['speedup']:.1f}x (block)"
           + (f", {results['speedup_target_mode']:.1f}x (target)" if "speedup_target_mode" in results else ""))
     print(f"same alpha: {results['same_alpha']}; max |pred - sklearn pred| / max |sklearn pred| = {rel:.2e}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=2)
+    save_json(results, args.json)
     return results
 
 
