@@ -10,7 +10,10 @@ STAMP := $(VENV)/.brainmclip-installed
 DEMO_OUT ?= runs/demo
 PIP_FLAGS ?= --quiet --progress-bar off
 
-.PHONY: demo test install lock clean
+MINI_OUT ?= runs/miniature
+MINI_WEIGHTS := src/brainmclip/miniature/weights
+
+.PHONY: demo test install lock clean miniature
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +28,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Train the three miniature models from scratch (about an hour on 2 CPU cores; each step resumes) and ship them:
+# the package's weights are exactly what these commands write to $(MINI_OUT)/*/model.
+miniature: $(STAMP)
+	$(BIN)/brainmclip miniature train clip --out $(MINI_OUT)/clip --cache $(MINI_OUT)/cache
+	$(BIN)/brainmclip miniature train vd --clip $(MINI_OUT)/clip/model --out $(MINI_OUT)/vd --cache $(MINI_OUT)/cache
+	$(BIN)/brainmclip miniature train sd --clip $(MINI_OUT)/clip/model --vae $(MINI_OUT)/vd/model --out $(MINI_OUT)/sd \
+	    --cache $(MINI_OUT)/cache
+	rm -rf $(MINI_WEIGHTS) && mkdir -p $(MINI_WEIGHTS)
+	for m in clip vd sd; do cp -r $(MINI_OUT)/$$m/model $(MINI_WEIGHTS)/$$m; done
 
 # Re-resolve the pinned stack in a scratch venv and rewrite constraints.txt.
 lock:

@@ -169,7 +169,9 @@ def _run_extract(args) -> int:
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a decoder (BrainMCLIP or ridge) on a prepared dataset + feature store")
+    p = sub.add_parser("train", help="train a decoder (BrainMCLIP or ridge) on a prepared dataset + feature store",
+                       description="Train a decoder. --method gt_embedding fits nothing: its predictions are the images' "
+                                   "own CLIP targets, the upper bound of reconstruction from embeddings.")
     p.add_argument("--data", required=True, type=Path, help="prepared dataset folder")
     p.add_argument("--features", required=True, type=Path, help="CLIP feature store folder")
     p.add_argument("--config", action="append", default=None,
@@ -177,7 +179,7 @@ def _add_train(sub) -> None:
                         "brain_mclip, brain_mclip_tiny, brain_mclip_24gb, ablations/text_only, ...")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=5")
-    p.add_argument("--method", default="brain_mclip", choices=("brain_mclip", "ridge"))
+    p.add_argument("--method", default="brain_mclip", choices=("brain_mclip", "ridge", "gt_embedding"))
     p.add_argument("--out", required=True, type=Path, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--stop-after-steps", type=int, help="stop (with a checkpoint) after this many steps")
@@ -186,6 +188,12 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
+    if args.method == "gt_embedding":
+        from brainmclip.training.ground_truth import write_ground_truth_run
+
+        print(f"ground-truth run at {write_ground_truth_run(args.data, args.features, args.out)} (nothing to fit; "
+              "brainmclip predict --run writes the test images' own targets)")
+        return 0
     if args.method == "ridge":
         from brainmclip.training.ridge_fit import train_ridge
 
@@ -345,6 +353,79 @@ def _run_report(args) -> int:
     return 0
 
 
+def _add_miniature(sub) -> None:
+    p = sub.add_parser("miniature", help="train or check the miniature models (mini-CLIP, mini-VD, mini-SD)",
+                       description="The small CLIP / Versatile Diffusion / Stable Diffusion that ship with brainmclip, "
+                                   "trained on the simulated scene world. Each command is seeded and resumable; "
+                                   "the shipped weights are what they produce.")
+    msub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    t = msub.add_parser("train", help="train one model into --out (exported to OUT/model with a model card)")
+    t.add_argument("model", choices=("clip", "vd", "sd"))
+    t.add_argument("--out", required=True, type=Path, help="training folder (checkpoints, cache, log, model/)")
+    t.add_argument("--clip", default="mini", help="mini-CLIP folder the vd / sd conditions come from (default: "
+                                                  "the shipped one)")
+    t.add_argument("--vae", default="mini", help="sd only: a mini-VD folder (or a VAE folder) whose VAE mini-SD "
+                                                 "shares (default: the shipped mini-VD)")
+    t.add_argument("--config", help="config name or JSON file (default: the model's own)")
+    t.add_argument("--cache", type=Path, help="folder for rendered scene banks, shareable by the three trainings "
+                                              "(default: OUT/cache)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    t.add_argument("--force", action="store_true", help="delete --out and start again")
+    t.set_defaults(func=_run_miniature_train)
+    q = msub.add_parser("quality", help="measure a miniature model on held-out scenes (what its model card records)")
+    q.add_argument("model", choices=("clip", "vd", "sd"))
+    q.add_argument("--folder", default="mini", help="model folder (default: the shipped one)")
+    q.add_argument("--clip", default="mini", help="mini-CLIP used to score vd / sd images")
+    q.set_defaults(func=_run_miniature_quality)
+
+
+def _run_miniature_train(args) -> int:
+    import shlex
+
+    command = "brainmclip miniature " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else ""
+    kw = {"overrides": args.set, "force": args.force, "progress": not args.quiet, "command": command,
+          "cache": args.cache}
+    if args.config:
+        kw["config"] = args.config
+    if args.model == "clip":
+        from brainmclip.miniature.clip import train_mini_clip
+
+        folder = train_mini_clip(args.out, **kw)
+    elif args.model == "vd":
+        from brainmclip.miniature.vd import train_mini_vd
+
+        folder = train_mini_vd(args.out, clip=args.clip, **kw)
+    else:
+        from brainmclip.miniature.sd import train_mini_sd
+
+        folder = train_mini_sd(args.out, clip=args.clip, vae=args.vae, **kw)
+    from brainmclip.miniature.card import read_model_card
+
+    card = read_model_card(folder)
+    print(f"{card['name']} at {folder}: {card['parameters']:,} parameters, "
+          f"{card['training']['seconds'] / 60:.1f} min of training")
+    for key, value in card["quality"].items():
+        if key != "layer_probes":
+            print(f"  {key}: {value}")
+    return 0
+
+
+def _run_miniature_quality(args) -> int:
+    import json
+
+    from brainmclip.miniature import quality
+
+    folder = args.folder
+    if args.model == "clip":
+        result = quality.clip_quality(folder)
+    elif args.model == "vd":
+        result = quality.vd_quality(folder, args.clip)
+    else:
+        result = quality.sd_quality(folder, args.clip)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="run the whole chain on simulated data (what `make demo` runs)")
     p.add_argument("--out", default=Path("runs/demo"), type=Path, help="output folder (default: runs/demo)")
@@ -375,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reconstruct(sub)
     _add_evaluate(sub)
     _add_report(sub)
+    _add_miniature(sub)
     _add_demo(sub)
     return parser
 

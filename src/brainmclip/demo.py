@@ -1,10 +1,12 @@
-"""The embedded default: the whole chain on a simulated NSD, on a laptop CPU.
+"""The embedded default: the whole chain on a simulated NSD, on a laptop CPU, in the miniature world.
 
-Stages built so far: simulate -> prepare -> extract (tiny random CLIP) -> train BrainMCLIP
-and ridge -> predict -> reconstruct (tiny random Versatile Diffusion, 32 px) -> evaluate (the
-eight metrics with random-initialised metric networks, marked uncalibrated; retrieval) ->
-report (static HTML). Every stage skips or resumes finished work, so
-rerunning the demo on the same folder is quick.
+simulate -> prepare -> extract (mini-CLIP) -> train BrainMCLIP and ridge -> predict -> reconstruct
+(mini-VD, 64 px) -> evaluate (the eight metrics, the CLIP one with mini-CLIP; the ImageNet
+networks are random-initialised and marked uncalibrated; retrieval; category agreement with the
+scenes) -> report (static HTML). The ground-truth embeddings of the test images go through the
+same generation and scoring ("gt_embedding"): the upper bound that shows how much decoding from
+fMRI loses. Every stage skips or resumes finished work, so rerunning the demo on the same folder
+is quick.
 """
 
 from __future__ import annotations
@@ -28,13 +30,21 @@ from brainmclip.training.ridge_fit import train_ridge
 __all__ = ["DEMO_SUBJECTS", "run_synthetic_demo"]
 
 DEMO_SUBJECTS = (1, 2)
+DEMO_METHODS = ("brain_mclip", "ridge", "gt_embedding")
+#: The miniature world's CLIP and Versatile Diffusion, shipped with the package.
+DEMO_CLIP = DEMO_GENERATOR = "mini"
 
 
 def _train_and_predict(method: str, data: Path, features: Path, run: Path, progress: bool) -> Path:
     pred = run / "predictions_test"
     if (pred / "manifest.json").exists():
         return pred
-    if method == "ridge":
+    if method == "gt_embedding":
+        from brainmclip.training.ground_truth import write_ground_truth_run
+
+        if not (run / "run.json").exists():
+            write_ground_truth_run(data, features, run)
+    elif method == "ridge":
         if not (run / "run.json").exists():
             train_ridge(data, features, run, progress=progress)
     else:
@@ -69,36 +79,48 @@ def run_synthetic_demo(out_dir, tiny: bool = False, seed: int = 0, progress: boo
     # 2. Prepared datasets, exactly as from a real NSD copy (old test set, leakage-safe z-scoring).
     prepared = [prepare_subject(nsd.root, s, out / "prepared" / f"subj{s:02d}", PrepareOptions(), progress=progress)
                 for s in DEMO_SUBJECTS]
-    # 3. CLIP targets once per NSD image (shared test images are computed once for both subjects).
-    #    The tiny random CLIP keeps the 257 x 24-block layout of ViT-L/14 at toy width.
-    features_dir = out / "features" / "tiny"
-    extract_features([p.root for p in prepared], features_dir, model="tiny", progress=progress)
-    # 4. BrainMCLIP (tiny width) and the ridge baseline per subject, predicted on the test set.
-    scores = {}
+    # 3. CLIP targets once per NSD image (shared test images are computed once for both subjects),
+    #    from mini-CLIP: 24 blocks like ViT-L/14, 65 image and 32 text tokens of width 64.
+    features_dir = out / "features" / DEMO_CLIP
+    extract_features([p.root for p in prepared], features_dir, model=DEMO_CLIP, progress=progress)
+    # 4. BrainMCLIP (toy width), the ridge baseline and the ground-truth embeddings per subject, on the test set.
+    scores, recon_dirs = {}, []
     for p in prepared:
-        for method in ("brain_mclip", "ridge"):
+        for method in DEMO_METHODS:
             run = out / "runs" / f"subj{p.subject:02d}" / method
             pred = _train_and_predict(method, p.root, features_dir, run, progress)
             scores[(p.subject, method)] = _retrieval(pred, features_dir)
-            # 5. Images from the predictions (tiny VD; real runs use shi-labs/versatile-diffusion at 512 px).
+            # 5. Images from the predictions with mini-VD (real runs: shi-labs/versatile-diffusion at 512 px).
             recon = reconstruct(pred, run / "reconstructions_test",
-                                ReconstructOptions(generator="tiny", clip="tiny", batch_size=16), progress=progress)
-            scores[(p.subject, method, "recon")] = recon.root
-    # 6. The eight metrics and retrieval per subject and method, then the report. No metric
-    #    network weights exist here, so their columns are random-initialised and marked.
-    recon_dirs = [v for k, v in scores.items() if len(k) == 3]
-    evaluation = evaluate_reconstructions(recon_dirs, out / "evaluation", clip_model="tiny", allow_random=True,
+                                ReconstructOptions(generator=DEMO_GENERATOR, clip=DEMO_CLIP, batch_size=50),
+                                progress=progress)
+            recon_dirs.append(recon.root)
+    # 6. The eight metrics (CLIP: mini-CLIP; no ImageNet weights exist here, so those networks are
+    #    random-initialised and marked), retrieval and category agreement, then the report.
+    evaluation = evaluate_reconstructions(recon_dirs, out / "evaluation", clip_model=DEMO_CLIP, allow_random=True,
                                           n_boot=200)
-    report = make_report(out / "evaluation", out / "report", title="brainmclip demo (simulated NSD, tiny models)")
+    report = make_report(out / "evaluation", out / "report", title="brainmclip demo (simulated NSD, miniature world)")
     lines = ["brainmclip demo: simulate -> prepare -> extract -> train -> predict -> reconstruct -> evaluate -> report",
              f"  data: {nsd.preset.name} simulated NSD, subjects {', '.join(map(str, DEMO_SUBJECTS))}, "
-             f"{len(prepared[0].train)} train / {len(prepared[0].test)} test images each; tiny random CLIP, VD and "
-             "metric networks (metrics check the pipeline, not the methods)"]
+             f"{len(prepared[0].train)} train / {len(prepared[0].test)} test images each; miniature world: mini-CLIP "
+             "targets and CLIP metric, mini-VD images (ImageNet metric networks random, marked †)"]
     n_test = len(prepared[0].test)
+    agreement = _mean_scene_checks(evaluation)
     for method, values in evaluation["mean_over_subjects"].items():
         image, brain = np.mean([scores[(s, method)] for s in DEMO_SUBJECTS], axis=0)
         lines.append(f"  {method:<12} {min(300, n_test)}-way top-1 image / brain retrieval {image:.3f} / {brain:.3f} "
                      f"(chance {1 / min(300, n_test):.3f}); PixCorr {values['PixCorr']:.3f}, "
-                     f"SSIM {values['SSIM']:.3f}, CLIP 2-way {100 * values['CLIP']:.1f}%")
+                     f"SSIM {values['SSIM']:.3f}, CLIP 2-way {100 * values['CLIP']:.1f}%, "
+                     f"category agreement {100 * agreement.get(method, float('nan')):.1f}%")
     lines.append(f"report: {report}")
     return "\n".join(lines)
+
+
+def _mean_scene_checks(evaluation: dict) -> dict[str, float]:
+    """Mean over subjects of each method's category agreement (reconstruction's zero-shot category vs the scene)."""
+    values: dict[str, list[float]] = {}
+    for entry in evaluation["runs"]:
+        checks = entry.get("scene_checks") or {}
+        if "category_agreement" in checks:
+            values.setdefault(entry["method"], []).append(checks["category_agreement"])
+    return {m: float(np.mean(v)) for m, v in values.items()}

@@ -11,7 +11,7 @@ import torch
 from diffusers.models.transformers.dual_transformer_2d import DualTransformer2DModel
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-from brainmclip.generation import IMAGE_TOKENS, TEXT_TOKENS, best_of_n, cosine_scorer, load_versatile_diffusion
+from brainmclip.generation import best_of_n, cosine_scorer, load_versatile_diffusion
 from brainmclip.generation.versatile_diffusion import (
     MaskTolerantDualTransformer,
     VersatileDiffusionGenerator,
@@ -21,6 +21,7 @@ from brainmclip.generation.versatile_diffusion import (
 
 D = 32
 STEPS = 2
+IMAGE_TOKENS, TEXT_TOKENS = 257, 77  # CLIP ViT-L/14's layout, as the tiny random CLIP keeps it
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -127,11 +128,10 @@ def test_init_images_path(vd):
 
 
 @pytest.mark.parametrize(("image_shape", "text_shape", "message"), [
-    ((2, 256, D), (2, TEXT_TOKENS, D), rf"expected \(n, {IMAGE_TOKENS}, {D}\)"),
-    ((2, IMAGE_TOKENS, D + 1), (2, TEXT_TOKENS, D), rf"expected \(n, {IMAGE_TOKENS}, {D}\)"),
-    ((IMAGE_TOKENS, D), (2, TEXT_TOKENS, D), rf"expected \(n, {IMAGE_TOKENS}, {D}\)"),
-    ((2, IMAGE_TOKENS, D), (2, 76, D), rf"expected \(2, {TEXT_TOKENS}, {D}\)"),
-    ((2, IMAGE_TOKENS, D), (3, TEXT_TOKENS, D), rf"expected \(2, {TEXT_TOKENS}, {D}\)"),
+    ((2, IMAGE_TOKENS, D + 1), (2, TEXT_TOKENS, D), rf"expected \(n, image tokens, {D}\)"),
+    ((IMAGE_TOKENS, D), (2, TEXT_TOKENS, D), rf"expected \(n, image tokens, {D}\)"),
+    ((2, IMAGE_TOKENS, D), (2, TEXT_TOKENS, D - 1), rf"expected \(2, text tokens, {D}\)"),
+    ((2, IMAGE_TOKENS, D), (3, TEXT_TOKENS, D), rf"expected \(2, text tokens, {D}\)"),
 ])
 def test_bad_shapes_raise_one_line_value_error(vd, image_shape, text_shape, message):
     with pytest.raises(ValueError, match=message) as info:
@@ -145,6 +145,30 @@ def test_other_bad_inputs(vd):
         vd.generate(image, text, generator=seeds(0), num_inference_steps=1)
     with pytest.raises(ValueError, match=r"uncond_image.*expected \(257, 32\)"):
         vd.generate(image, text, uncond_image=np.zeros((256, D)), num_inference_steps=1)
+    with pytest.raises(ValueError, match=r"uncond_text.*expected \(77, 32\)"):
+        vd.generate(image, text, uncond_text=np.zeros((32, D)), num_inference_steps=1)
+
+
+@pytest.mark.parametrize(("image_tokens", "text_tokens"), [(65, 32), (257, 77), (5, 9)])
+def test_token_counts_follow_the_embeddings_and_route_to_their_blocks(vd, image_tokens, text_tokens):
+    """Any CLIP's token counts work; each condition reaches only its own transformer: at text share 0 the text
+    embeddings change nothing, at text share 1 the image embeddings change nothing, in between both matter."""
+    rng = np.random.default_rng(image_tokens)
+    image = rng.standard_normal((2, image_tokens, D)).astype(np.float32)
+    text = rng.standard_normal((2, text_tokens, D)).astype(np.float32)
+    other_image = rng.standard_normal(image.shape).astype(np.float32)
+    other_text = rng.standard_normal(text.shape).astype(np.float32)
+    uncond = {"uncond_image": rng.standard_normal((image_tokens, D)), "uncond_text": rng.standard_normal((text_tokens, D))}
+
+    def gen(img, txt, weight):
+        return run(vd, img, txt, (3, 4), text_weight=weight, output_type="latent", **uncond)
+
+    torch.testing.assert_close(gen(image, text, 0.0), gen(image, other_text, 0.0))
+    assert not torch.allclose(gen(image, text, 0.0), gen(other_image, text, 0.0))
+    torch.testing.assert_close(gen(image, text, 1.0), gen(other_image, text, 1.0))
+    assert not torch.allclose(gen(image, text, 1.0), gen(image, other_text, 1.0))
+    mixed = gen(image, text, 0.4)
+    assert not torch.allclose(mixed, gen(image, other_text, 0.4)) and not torch.allclose(mixed, gen(other_image, text, 0.4))
     with pytest.raises(ValueError, match="multiple of 2"):
         vd.generate(image, text, height=33, num_inference_steps=1)
 

@@ -27,6 +27,7 @@ from brainmclip.atomic import write_bytes_atomic, write_json_atomic
 from brainmclip.data.prepared import load_prepared
 from brainmclip.evaluation.published import LOWER_IS_BETTER, METRIC_NAMES, PUBLISHED
 from brainmclip.evaluation.retrieval import recall_at_k, similarity_matrix, top1_n_way
+from brainmclip.evaluation.scene_checks import SceneChecker, scene_root
 from brainmclip.generation.reconstruct import load_reconstructions
 from brainmclip.models.predictions import load_predictions
 
@@ -108,7 +109,7 @@ def evaluate_reconstructions(recon_dirs, out, protocol=None, clip_model: str = "
     protocol = protocol or MetricProtocol()
     out = Path(out)
     entries, per_image_all = [], {}
-    networks, truth_cache = None, {}
+    networks, truth_cache, checker = None, {}, None
     for recon_dir in recon_dirs:
         recon = load_reconstructions(recon_dir)
         pred_manifest, run, pred_dir = _run_info(recon)
@@ -127,6 +128,13 @@ def evaluate_reconstructions(recon_dirs, out, protocol=None, clip_model: str = "
         subject, method = int(pred_manifest.get("subject", 0)), str(pred_manifest.get("method", "unknown"))
         key = f"subj{subject:02d}/{method}"
         per_image = {m: np.asarray(v) for m, v in result["per_image"].items()}
+        scene_checks = {}
+        root = scene_root(data)
+        if root is not None and SceneChecker.applies(clip_model):
+            checker = checker or SceneChecker(clip_model)
+            scene_checks = checker.check(root, ids, recons, truths)
+            per_image["category_agreement"] = scene_checks.pop("per_image").astype(np.float64)
+            scene_checks["ci95"] = bootstrap_ci(per_image["category_agreement"], n_boot, seed)
         per_image_all[key] = per_image
         prepared_manifest = json.loads((data / "manifest.json").read_text())
         entries.append({
@@ -134,6 +142,7 @@ def evaluate_reconstructions(recon_dirs, out, protocol=None, clip_model: str = "
             "metrics": {m: float(result[m]) for m in METRIC_NAMES if m in result},
             "ci95": {m: bootstrap_ci(per_image[m], n_boot, seed) for m in METRIC_NAMES if m in per_image},
             "uncalibrated": list(result.get("uncalibrated", [])),
+            "scene_checks": scene_checks,
             "retrieval": _retrieval(pred_dir, run.get("features"), n_way=min(300, len(ids)), seed=seed),
             "parameters": int(run.get("parameters", {}).get("total", 0)),
             "n_images": int(len(ids)),
@@ -193,7 +202,8 @@ def _cell(metric: str, value: float, uncalibrated: bool = False) -> str:
 def format_markdown(report: dict) -> str:
     """A table laid out like the paper's Tables 1-2, ours first, published rows marked."""
     arrows = [f"{m} {'↓' if m in LOWER_IS_BETTER else '↑'}" for m in METRIC_NAMES]
-    lines = [f"Protocol: {report['protocol'].get('name', 'mindeye1')}; CLIP for metrics: {report['clip_model']}",
+    label = clip_metric_label(report["clip_model"]) or report["clip_model"]
+    lines = [f"Protocol: {report['protocol'].get('name', 'mindeye1')}; CLIP for metrics: {label}",
              "", "| method | subject | " + " | ".join(arrows) + " | params |",
              "|---|---|" + "---|" * len(METRIC_NAMES) + "---|"]
     for e in report["runs"]:
@@ -208,6 +218,13 @@ def format_markdown(report: dict) -> str:
     for row in report["published"]:
         cells = [_cell(m, row["metrics"][m]) for m in METRIC_NAMES]
         lines.append(f"| *{row['method']}* (published) | 1,2,5,7 | " + " | ".join(cells) + f" | {row['params'] or ''} |")
+    checked = [e for e in report["runs"] if e.get("scene_checks")]
+    if checked:
+        lines += ["", "Category agreement with the simulated scenes (zero-shot category of the image names one of the "
+                      "scene's largest objects; CLIP: " + label + "):", "",
+                  "| method | subject | reconstructions | true images |", "|---|---|---|---|"]
+        lines += [f"| {e['method']} | {e['subject']} | {100 * e['scene_checks']['category_agreement']:.1f}% | "
+                  f"{100 * e['scene_checks']['truth_zero_shot']:.1f}% |" for e in checked]
     if any(e["uncalibrated"] for e in report["runs"]):
         lines += ["", "† uncalibrated: computed with a randomly initialised metric network (weights were absent and "
                       "--allow-random-metric-nets was given); not comparable with published numbers."]
@@ -240,7 +257,28 @@ def make_report(eval_dir, out, title: str = "brainmclip reconstructions", debug_
             "recon_paths": [str(p) for p in recon.paths],
             "truth_images": _truth_images(Path(e["data"]), recon.stimulus_ids),
             "curves": read_tensorboard_scalars(run_dir) if run_dir else {},
+            "scene_checks": e.get("scene_checks") or {},
             "protocol": report["protocol"],
             "data": {"test_set": e.get("test_set"), "n_images": e["n_images"], "prepared": e["data"]},
         })
-    return write_report(out, runs, title=title, published=report["published"], debug_image_check=debug_image_check)
+    clip_label = clip_metric_label(report.get("clip_model", ""))
+    notes = []
+    if clip_label:
+        notes.append(f"The CLIP column is 2-way identification with {clip_label}, not CLIP ViT-L/14: these numbers "
+                     "compare our own rows and are not comparable with published CLIP numbers.")
+    return write_report(out, runs, title=title, published=report["published"], debug_image_check=debug_image_check,
+                        clip_label=clip_label, notes=notes)
+
+
+def clip_metric_label(clip_model: str) -> str | None:
+    """How to name the CLIP metric's network in tables: None for CLIP ViT-L/14 (the field's), else its name."""
+    from brainmclip.features.clip_models import DEFAULT_CLIP
+
+    name = str(clip_model)
+    if name == DEFAULT_CLIP or name.rstrip("/").endswith("clip-vit-large-patch14"):
+        return None
+    if name == "mini":
+        return "mini-CLIP (miniature world)"
+    if name == "tiny" or name.startswith("random:"):
+        return f"random CLIP ({name})"
+    return name

@@ -152,11 +152,11 @@ def _check_images(images, what: str) -> np.ndarray:
     return images
 
 
-def resize_images(x: torch.Tensor, size: int | None) -> torch.Tensor:
-    """Float images (n, 3, H, W) to (n, 3, size, size): torch bilinear, antialias=False (no-op if equal)."""
+def resize_images(x: torch.Tensor, size: int | None, antialias: bool = False) -> torch.Tensor:
+    """Float images (n, 3, H, W) to (n, 3, size, size): torch bilinear, antialias=False unless asked (no-op if equal)."""
     if size is None or tuple(x.shape[-2:]) == (size, size):
         return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)
 
 
 def first_resize(images: np.ndarray, protocol: MetricProtocol) -> torch.Tensor:
@@ -298,6 +298,7 @@ class MetricNetwork:
     calibrated: bool
     source: str
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    input_size: int | None = None  # a size the network needs whatever the protocol says (a CLIP's image size)
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -383,8 +384,10 @@ def _clip_network(clip_model: str, allow_random: bool, device) -> MetricNetwork:
 
     calibrated = not str(towers.identity.get("model", "")).startswith("random:")
     source = str(towers.identity.get("model")) + ("" if calibrated else " (random-initialised, uncalibrated)")
+    # ViT-L/14 takes the protocols' 224 px; another CLIP (mini-CLIP: 64 px) takes its own size.
+    size = int(vision.config.image_size)
     return MetricNetwork("CLIP", forward, tuple(CLIP_MEAN), tuple(CLIP_STD), calibrated, source,
-                         torch.device(device))
+                         torch.device(device), input_size=size)
 
 
 def load_metric_networks(metrics: Sequence[str] = METRICS, clip_model: str = "openai/clip-vit-large-patch14",
@@ -404,8 +407,12 @@ def load_metric_networks(metrics: Sequence[str] = METRICS, clip_model: str = "op
 
 @torch.no_grad()
 def network_features(net: MetricNetwork, x: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
-    """Features (float32, CPU, flattened) of float images (n, 3, H, W) in [0, 1]: resize, normalise, forward."""
-    x = resize_images(x, size)
+    """Features (float32, CPU, flattened) of float images (n, 3, H, W) in [0, 1]: resize, normalise, forward.
+
+    A network with its own ``input_size`` (a small CLIP) gets an antialiased resize: the protocols' plain bilinear
+    resize is their convention for ~224 px inputs, and a 256 -> 64 px shrink without it aliases badly.
+    """
+    x = resize_images(x, size, antialias=net.input_size is not None and net.input_size < x.shape[-1] / 2)
     mean = torch.tensor(net.mean, dtype=x.dtype)[:, None, None]
     std = torch.tensor(net.std, dtype=x.dtype)[:, None, None]
     out = net.forward(((x - mean) / std).to(net.device))
@@ -459,7 +466,7 @@ def evaluate_images(recons, truths, protocol: MetricProtocol | None = None,
             if "SSIM" in per_pixel:
                 per_pixel["SSIM"].append(ssim(rec_px, gt_px, protocol.ssim))
         for name, net in networks.items():
-            size = protocol.network_size(name)
+            size = net.input_size or protocol.network_size(name)
             f_rec = network_features(net, rec, size)
             f_gt = None if cached else network_features(net, gt, size)
             for m in net.metrics:

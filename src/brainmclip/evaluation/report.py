@@ -340,8 +340,28 @@ def _params_text(run: Mapping) -> str:
     return str(value or "")
 
 
-def _metric_table(runs: Sequence[Mapping], published: Sequence[Mapping]) -> tuple[str, bool]:
-    head = "".join(f"<th>{_e(title)}{'&darr;' if lower else '&uarr;'}</th>" for _, title, lower, _ in COLUMNS)
+def _header(clip_label: str | None) -> str:
+    cells = []
+    for key, title, lower, _ in COLUMNS:
+        note = f'<span class="ci">{_e(clip_label)}</span>' if key == "CLIP" and clip_label else ""
+        cells.append(f"<th>{_e(title)}{'&darr;' if lower else '&uarr;'}{note}</th>")
+    return "".join(cells)
+
+
+def _published_rows(published: Sequence[Mapping], n_cols: int) -> str:
+    prow = [f'<tr class="block"><td colspan="{n_cols}">published (paper) &mdash; numbers as reported by '
+            "their authors, with their own protocols and test sets</td></tr>"]
+    for row in published:
+        prow.append(f'<tr><td class="name">{_e(row.get("method", ""))} <small>(published)</small></td>'
+                    f'<td>{_e(row.get("subjects", ""))}</td>{_metric_cells(row.get("metrics") or {})}'
+                    f'<td>{_e(row.get("params") or "")}</td></tr>')
+    return '<tbody class="published">' + "".join(prow) + "</tbody>"
+
+
+def _metric_table(runs: Sequence[Mapping], published: Sequence[Mapping], clip_label: str | None = None
+                  ) -> tuple[str, bool]:
+    """Our rows (and mean rows); published rows below them, or, when our CLIP metric used another network
+    (``clip_label``), in a table of their own so that no number of ours sits in a published CLIP column."""
     n_cols = len(COLUMNS) + 3
     rows = [f'<tr class="block"><td colspan="{n_cols}">ours</td></tr>']
     any_unc = False
@@ -362,16 +382,14 @@ def _metric_table(runs: Sequence[Mapping], published: Sequence[Mapping]) -> tupl
             rows.append(f'<tr class="mean"><td class="name">{_e(method)} (mean)</td><td>{_e(who)}</td>'
                         f'{_metric_cells(mean, None, unc)}<td></td></tr>')
     body = "<tbody>" + "".join(rows) + "</tbody>"
-    if published:
-        prow = [f'<tr class="block"><td colspan="{n_cols}">published (paper) &mdash; numbers as reported by '
-                "their authors, with their own protocols and test sets</td></tr>"]
-        for row in published:
-            prow.append(f'<tr><td class="name">{_e(row.get("method", ""))} <small>(published)</small></td>'
-                        f'<td>{_e(row.get("subjects", ""))}</td>{_metric_cells(row.get("metrics") or {})}'
-                        f'<td>{_e(row.get("params") or "")}</td></tr>')
-        body += '<tbody class="published">' + "".join(prow) + "</tbody>"
-    table = (f'<table id="metrics"><thead><tr><th class="name">method</th><th>subject</th>{head}<th>params</th>'
-             f"</tr></thead>{body}</table>")
+    head = '<thead><tr><th class="name">method</th><th>subject</th>{}<th>params</th></tr></thead>'
+    table = f'<table id="metrics">{head.format(_header(clip_label))}{body}'
+    if published and not clip_label:
+        table += _published_rows(published, n_cols)
+    table += "</table>"
+    if published and clip_label:
+        table += (f'<h3>Published (real NSD, real CLIP ViT-L/14)</h3><table id="published">'
+                  f'{head.format(_header(None))}{_published_rows(published, n_cols)}</table>')
     return table, any_unc
 
 
@@ -413,8 +431,31 @@ def _retrieval_table(runs: Sequence[Mapping]) -> str:
             "embedding searches the images; brain retrieval: an image searches the brain embeddings.</p>")
 
 
+def _scene_table(runs: Sequence[Mapping]) -> str:
+    rows = [r for r in sorted(runs, key=lambda r: (int(r["subject"]), str(r["method"]))) if r.get("scene_checks")]
+    if not rows:
+        return ""
+    body = []
+    for r in rows:
+        c = r["scene_checks"]
+        interval = c.get("ci95")
+        ci = (f'<span class="ci">[{100 * interval[0]:.1f}\u2013{100 * interval[1]:.1f}]</span>'
+              if interval is not None and len(interval) == 2 else "")
+        body.append(f'<tr><td class="name">{_e(r["method"])}</td><td>{_e(r["subject"])}</td>'
+                    f'<td>{100 * float(c["category_agreement"]):.1f}%{ci}</td>'
+                    f'<td>{100 * float(c["truth_zero_shot"]):.1f}%</td></tr>')
+    clip = _e(rows[0]["scene_checks"].get("clip", ""))
+    return ('<h2 id="scene-checks">Category agreement with the scenes</h2><table><thead><tr><th class="name">method'
+            '</th><th>subject</th><th>reconstructions</th><th>true images</th></tr></thead><tbody>'
+            + "".join(body) + "</tbody></table>"
+            f'<p class="legend">Simulated data only: the share of images whose zero-shot category ({clip}, prompt '
+            "ensembles over the scene world's categories) names one of the largest objects of the scene the subject "
+            "saw. &ldquo;True images&rdquo; is the same classifier on the stimuli: the most a reconstruction can "
+            "reach with this classifier. Chance is about 12%.</p>")
+
+
 def _render_html(title: str, runs: Sequence[Mapping], published: Sequence[Mapping], figures: Mapping,
-                 debug_image_check: bool) -> str:
+                 debug_image_check: bool, clip_label: str | None = None, notes: Sequence[str] = ()) -> str:
     protocols = _unique([r.get("protocol") for r in runs])
     datas = _unique([r.get("data") for r in runs])
     subjects = sorted({int(r["subject"]) for r in runs})
@@ -432,7 +473,8 @@ def _render_html(title: str, runs: Sequence[Mapping], published: Sequence[Mappin
         f"<div><b>Subjects:</b> {_e(', '.join(map(str, subjects)))} &nbsp; <b>Methods:</b> {_e(', '.join(methods))}</div>"
         f"<div><b>Protocol:</b> {protocol_line}</div><div><b>Data:</b> {data_line}</div></div>",
     ]
-    table, any_unc = _metric_table(runs, published)
+    parts += [f'<p class="legend">{_e(note)}</p>' for note in notes]
+    table, any_unc = _metric_table(runs, published, clip_label)
     parts += ['<h2 id="metrics-h">Metrics</h2>', table,
               '<p class="legend">&uarr; higher is better, &darr; lower is better. Alex(2), Alex(5), Incep and CLIP are '
               "two-way identification accuracies (percent); PixCorr and SSIM are similarities; Eff and SwAV are "
@@ -446,6 +488,7 @@ def _render_html(title: str, runs: Sequence[Mapping], published: Sequence[Mappin
                      "papers, not produced by this code; they are for orientation, not a like-for-like comparison."
                      "</p>")
     parts.append(_retrieval_table(runs))
+    parts.append(_scene_table(runs))
     for subject in subjects:
         fig = figures.get(subject, {})
         if not fig:
@@ -506,8 +549,12 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 def write_report(out_dir, runs: Sequence[Mapping], title: str = "BrainMCLIP reconstruction report",
-                 published: Sequence[Mapping] | None = None, debug_image_check: bool = False) -> Path:
+                 published: Sequence[Mapping] | None = None, debug_image_check: bool = False,
+                 clip_label: str | None = None, notes: Sequence[str] = ()) -> Path:
     """Write ``out_dir/index.html`` and ``out_dir/figures/*.png``; return the path of index.html.
+
+    ``clip_label`` names the network behind our CLIP column when it is not CLIP ViT-L/14 (e.g. "mini-CLIP");
+    published rows then get a table of their own. ``notes`` are sentences shown under the header.
 
     ``debug_image_check`` adds a tiny script that sets ``document.title`` to ``"images-ok"`` once
     every image has loaded (or ``"images-broken: N"``); for tests only, the default page has no script.
@@ -529,7 +576,7 @@ def write_report(out_dir, runs: Sequence[Mapping], title: str = "BrainMCLIP reco
             if _curves_figure(subject, members, tmp / "figures" / f"subj{subject:02d}_curves.png"):
                 entry["curves"] = f"figures/subj{subject:02d}_curves.png"
             figures[subject] = entry
-        page = _render_html(title, runs, published, figures, debug_image_check)
+        page = _render_html(title, runs, published, figures, debug_image_check, clip_label, notes)
         (tmp / "index.html").write_text(page, encoding="utf-8")
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         _replace_dir(tmp, out_dir)

@@ -5,7 +5,8 @@ passed through ``post_layernorm`` and ``visual_projection`` and divided by the n
 projected CLS token: for the last layer this is exactly VD's image conditioning. BrainMCLIP's
 targets are e_I,D = mean over layers 11..20 (detail) and e_I,S = layer 24 (semantic). Text
 tokens (``last_hidden_state``) go through ``text_projection`` and are divided by the norm of
-the projected EOS token; E_T averages this over an image's captions.
+the projected EOS token; E_T averages this over an image's captions. Token counts follow the model
+(ViT-L/14: 257 image and 77 text tokens; mini-CLIP: 65 and 32).
 """
 
 from __future__ import annotations
@@ -119,8 +120,8 @@ class ClipFeatureExtractor:
     # -- text ---------------------------------------------------------------------------
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """Projected, EOS-normalised token embeddings of each text, float32 (n, 77, embed_dim)."""
-        ids, eos = tokenize(self.towers.tokenizer, list(texts))
+        """Projected, EOS-normalised token embeddings of each text, float32 (n, context_length, embed_dim)."""
+        ids, eos = tokenize(self.towers.tokenizer, list(texts), self.towers.context_length)
         ids, eos = ids.to(self.device), eos.to(self.device)
         text = self.towers.text
         with self._autocast():
@@ -133,7 +134,7 @@ class ClipFeatureExtractor:
     @torch.no_grad()
     def text_embeds(self, texts: Sequence[str]) -> torch.Tensor:
         """CLIP's final text embedding (projected EOS token), float32 (n, embed_dim)."""
-        ids, eos = tokenize(self.towers.tokenizer, list(texts))
+        ids, eos = tokenize(self.towers.tokenizer, list(texts), self.towers.context_length)
         ids, eos = ids.to(self.device), eos.to(self.device)
         with self._autocast():
             hidden = self.towers.text.text_model(input_ids=ids).last_hidden_state
@@ -141,7 +142,7 @@ class ClipFeatureExtractor:
             return self.towers.text.text_projection(pooled).float().cpu()
 
     def encode_captions(self, captions: Sequence[Sequence[str]]) -> torch.Tensor:
-        """E_T: :meth:`encode_texts` averaged over each image's captions, float32 (n, 77, embed_dim)."""
+        """E_T: :meth:`encode_texts` averaged over each image's captions, float32 (n, context_length, embed_dim)."""
         empty = [i for i, c in enumerate(captions) if not c]
         if empty:
             raise ValueError(f"{len(empty)} images have no caption (first: row {empty[0]}); E_T needs at least one")

@@ -2,8 +2,10 @@
 
 Nothing is downloaded. ``load_clip("openai/clip-vit-large-patch14")`` looks for a local folder
 of that name, then the Hugging Face cache; when neither has it, it stops at once and says
-where it looked. ``load_clip("tiny")`` (or any name of a JSON file in ``configs/``) builds
-seeded random towers with the configured sizes, for tests, the demo and benchmarks.
+where it looked. ``load_clip("mini")`` loads mini-CLIP, the small CLIP trained on the simulated
+scene world that ships with the package (:mod:`brainmclip.miniature`), from its folder like any
+real model. ``load_clip("tiny")`` (or any name of a JSON file in ``configs/``) builds seeded
+random towers with the configured sizes, for fast tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from transformers import (
 
 from brainmclip.features.tokenizer import load_clip_tokenizer
 
-__all__ = ["ClipTowers", "load_clip", "random_clip", "list_random_configs", "DEFAULT_CLIP"]
+__all__ = ["ClipTowers", "load_clip", "random_clip", "list_random_configs", "resolve_model_folder", "DEFAULT_CLIP"]
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 
@@ -52,6 +54,11 @@ class ClipTowers:
     def n_image_tokens(self) -> int:
         config = self.vision.config
         return (config.image_size // config.patch_size) ** 2 + 1
+
+    @property
+    def context_length(self) -> int:
+        """Text tokens per caption (77 for OpenAI's CLIP): the text tower's position embeddings."""
+        return int(self.text.config.max_position_embeddings)
 
 
 def list_random_configs() -> list[str]:
@@ -97,22 +104,62 @@ def _resolve_local(model: str) -> tuple[Path, dict]:
     return snapshot, {"model": model, "source": "huggingface cache", "revision": snapshot.name}
 
 
+def _from_folder(cls, folder: Path):
+    """One tower from a CLIP folder. A full CLIP checkpoint holds both towers, so the other tower's tensors are
+    "unexpected" for each (transformers logs a table of them, silenced here); a *missing* tensor is an error."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # a bar per tower of a 2 MB model is noise
+    try:
+        # float32 whatever the files hold: miniature weights ship as float16, and CPU matmuls want float32.
+        model, info = cls.from_pretrained(folder, local_files_only=True, dtype=torch.float32, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    missing = [k for k in info.get("missing_keys", []) if "position_ids" not in k]
+    if missing:
+        raise ValueError(f"{folder}: {cls.__name__} weights incomplete (missing {missing[:3]})")
+    return model.eval()
+
+
+def resolve_model_folder(model: str) -> Path | None:
+    """The local folder ``load_clip(model)`` reads ('mini' -> the shipped mini-CLIP), or None for random towers."""
+    if model.startswith("random:") or model in ("tiny",):
+        return None
+    from brainmclip.miniature import is_miniature, model_folder
+
+    if is_miniature(model):
+        return model_folder("clip")
+    return _resolve_local(model)[0]
+
+
 def load_clip(model: str = DEFAULT_CLIP, device: str | torch.device = "cpu") -> ClipTowers:
-    """Real CLIP towers from a local folder or cache, or ``random:<config>`` / 'tiny' for random ones."""
+    """CLIP towers from a local folder or cache, 'mini' (the shipped mini-CLIP), or ``random:<config>`` / 'tiny'."""
+    from brainmclip.miniature import is_miniature, model_folder
+
     name = model.removeprefix("random:")
     if model.startswith("random:") or model in ("tiny",):
         towers = random_clip(name)
     else:
-        folder, identity = _resolve_local(model)
+        if is_miniature(model):
+            folder = model_folder("clip")
+            identity = {"model": "mini", "source": "brainmclip miniature world (trained on simulated scenes)",
+                        "folder": str(folder)}
+        else:
+            folder, identity = _resolve_local(model)
         required = ["config.json"]
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder}: no config.json; expected a transformers CLIP model folder")
         if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
             raise FileNotFoundError(f"{folder}: no weights (*.safetensors or *.bin) beside {required[0]}")
-        vision = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True).eval()
-        text = CLIPTextModelWithProjection.from_pretrained(folder, local_files_only=True).eval()
+        vision = _from_folder(CLIPVisionModelWithProjection, folder)
+        text = _from_folder(CLIPTextModelWithProjection, folder)
         identity["config_sha256"] = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()
-        towers = ClipTowers(vision, text, load_clip_tokenizer(folder), identity)
+        tokenizer = load_clip_tokenizer(folder, model_max_length=text.config.max_position_embeddings)
+        towers = ClipTowers(vision, text, tokenizer, identity)
     towers.vision.to(device)
     towers.text.to(device)
     return towers

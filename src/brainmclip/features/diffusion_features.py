@@ -19,15 +19,15 @@ __all__ = ["encode_sd_text", "encode_vae_latents"]
 
 @torch.no_grad()
 def encode_sd_text(text_encoder, tokenizer, captions: Sequence[Sequence[str]]) -> torch.Tensor:
-    """c: SD's text conditioning (``last_hidden_state``, 77 tokens) averaged over each image's captions.
+    """c: SD's text conditioning (``last_hidden_state``, 77 tokens for SD v1) averaged over each image's captions.
 
-    Returns float32 of shape (n_images, 77, hidden_size).
+    Returns float32 of shape (n_images, context_length, hidden_size).
     """
     flat = [text for caps in captions for text in caps]
     if any(not caps for caps in captions):
         raise ValueError("every image needs at least one caption for the SD text embedding")
     device = next(text_encoder.parameters()).device
-    ids, _ = tokenize(tokenizer, flat)
+    ids, _ = tokenize(tokenizer, flat, int(text_encoder.config.max_position_embeddings))
     hidden = text_encoder(input_ids=ids.to(device)).last_hidden_state.float().cpu()
     owner = torch.repeat_interleave(torch.tensor([len(c) for c in captions]))
     sums = torch.zeros(len(captions), *hidden.shape[1:])

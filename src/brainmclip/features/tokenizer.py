@@ -55,6 +55,13 @@ def _byte_to_unicode() -> list[str]:
     return chars
 
 
+def _byte_to_char() -> dict[int, str]:
+    """Byte value -> its character in :func:`_byte_to_unicode`'s map (that list is in vocabulary order)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(_N_BYTES) if b not in set(printable)]
+    return dict(zip(printable + others, _byte_to_unicode(), strict=True))
+
+
 def _bpe_file() -> Path:
     """The gzipped BPE merges file inside the installed open_clip package (found without importing it)."""
     try:
@@ -166,3 +173,70 @@ def tokenize(tokenizer: CLIPTokenizer, texts: list[str], context_length: int = C
         raise RuntimeError(f"tokenizer did not produce rows of {context_length} ids each ending with eos id {eos_id}")
     eos_index = is_eos.int().argmax(dim=1).long()
     return input_ids, eos_index
+
+
+def _bpe_merges_used(word: str, ranks: dict[tuple[str, str], int]) -> list[tuple[str, str]]:
+    """The merges CLIP's BPE applies to one pre-tokenised word, in the order it applies them."""
+    table = _byte_to_char()
+    symbols = [table[b] for b in word.encode("utf-8")]
+    symbols[-1] += "</w>"
+    used = []
+    while len(symbols) > 1:
+        pairs = [(ranks.get((a, b)), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:], strict=False))]
+        pairs = [(r, i) for r, i in pairs if r is not None]
+        if not pairs:
+            break
+        rank = min(r for r, _ in pairs)
+        pair = next((symbols[i], symbols[i + 1]) for r, i in pairs if r == rank)
+        used.append(pair)
+        merged, i = [], 0
+        while i < len(symbols):  # merge every occurrence of the pair, left to right, as BPE does
+            if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == pair:
+                merged.append(symbols[i] + symbols[i + 1])
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return used
+
+
+def build_subset_vocab(words, bpe_path: str | os.PathLike | None = None
+                       ) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A small CLIP BPE vocabulary that tokenises ``words`` exactly as CLIP's full one does (with other ids).
+
+    Keeps the 512 byte tokens, the merges CLIP applies to these words (in CLIP's rank order) and the two special
+    tokens, so any text still tokenises (words outside ``words`` fall back to shorter pieces). BPE applies the
+    lowest-ranked merge present at each step; every merge the full vocabulary applies to a listed word is kept
+    and the subset has no others, so each step picks the same merge. A model with a few hundred token ids then
+    needs a correspondingly small embedding table.
+    """
+    _, merges = build_clip_vocab(bpe_path or _bpe_file())
+    ranks = {pair: r for r, pair in enumerate(merges)}
+    needed: set[tuple[str, str]] = set()
+    for word in words:
+        if word:
+            needed.update(_bpe_merges_used(word, ranks))
+    kept = [pair for pair in merges if pair in needed]
+    bytes_chars = _byte_to_unicode()
+    tokens = bytes_chars + [c + "</w>" for c in bytes_chars] + [a + b for a, b in kept] + [SOT_TOKEN, EOT_TOKEN]
+    vocab: dict[str, int] = {}
+    for token in tokens:  # a merge result can equal an earlier token; keep the first id
+        vocab.setdefault(token, len(vocab))
+    return vocab, kept
+
+
+def save_tokenizer_files(folder: str | os.PathLike, vocab: dict[str, int], merges: list[tuple[str, str]],
+                         model_max_length: int) -> None:
+    """Write ``vocab.json``, ``merges.txt`` and ``tokenizer_config.json`` as a CLIP model folder holds them."""
+    import json
+
+    from brainmclip.atomic import write_bytes_atomic, write_json_atomic
+
+    folder = Path(folder)
+    write_bytes_atomic(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False).encode("utf-8"))
+    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+    write_bytes_atomic(folder / "merges.txt", ("\n".join(lines) + "\n").encode("utf-8"))
+    write_json_atomic(folder / "tokenizer_config.json", {
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": int(model_max_length), "bos_token": SOT_TOKEN,
+        "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN, "pad_token": EOT_TOKEN, "do_lower_case": True})

@@ -1,8 +1,6 @@
 """Image generation from predicted CLIP embeddings (Versatile Diffusion dual guidance)."""
 
 from brainmclip.generation.versatile_diffusion import (
-    IMAGE_TOKENS,
-    TEXT_TOKENS,
     VersatileDiffusionGenerator,
     best_of_n,
     cosine_scorer,
@@ -11,8 +9,6 @@ from brainmclip.generation.versatile_diffusion import (
 )
 
 __all__ = [
-    "IMAGE_TOKENS",
-    "TEXT_TOKENS",
     "VersatileDiffusionGenerator",
     "best_of_n",
     "cosine_scorer",

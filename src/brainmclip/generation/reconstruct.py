@@ -35,11 +35,12 @@ RECON_FORMAT = "brainmclip-reconstructions/1"
 class ReconstructOptions:
     """Settings of a reconstruction run (saved in its manifest).
 
-    ``generator``: a VD folder or cached hub id, or 'tiny' (random test model). ``clip``: the
-    CLIP model that embeds the unconditional "" and mid-grey image and scores best-of-N
-    candidates ('tiny' pairs with the tiny generator). ``uncond``: 'clip' (VD's own choice)
-    or 'zeros'. ``size``: output side in pixels (default: the generator's native size, 512
-    for VD). ``init_dir``: PNGs named like the outputs (``nsd<id>.png``) to start from
+    ``generator``: a VD folder or cached hub id, 'mini' (mini-VD, trained on the simulated scene
+    world and shipped with the package) or 'tiny' (random test model). ``clip``: the CLIP model
+    that embeds the unconditional "" and mid-grey image and scores best-of-N candidates; it must
+    be the CLIP the predictions' targets came from ('mini' with 'mini', 'tiny' with 'tiny').
+    ``uncond``: 'clip' (VD's own choice) or 'zeros'. ``size``: output side in pixels (default:
+    the generator's native size, 512 for VD). ``init_dir``: PNGs named like the outputs (``nsd<id>.png``) to start from
     (img2img at ``strength``), e.g. a low-level reconstruction.
     """
 
@@ -82,13 +83,17 @@ def _load_generator(name: str, device, dtype):
     return load_versatile_diffusion(name, device=device, dtype=dtype), {"generator": name}
 
 
-def _check_predictions(pred, embed_dim: int, path: Path) -> None:
+def _check_predictions(pred, embed_dim: int, path: Path, image_tokens: int | None, text_tokens: int | None) -> None:
+    """Predictions must have the generator's width and, when the CLIP is known, that CLIP's token counts."""
     if pred.image is None:
-        raise ValueError(f"{path}: predictions hold no image embedding; VD needs Ê_I (257 x {embed_dim})")
-    if pred.image.shape[1:] != (257, embed_dim):
-        raise ValueError(f"{path}/image.npy: shape {tuple(pred.image.shape)}; the generator expects (n, 257, {embed_dim})")
-    if pred.text is not None and pred.text.shape[1:] != (77, embed_dim):
-        raise ValueError(f"{path}/text.npy: shape {tuple(pred.text.shape)}; the generator expects (n, 77, {embed_dim})")
+        raise ValueError(f"{path}: predictions hold no image embedding; VD needs Ê_I (image tokens x {embed_dim})")
+    for name, value, tokens in (("image", pred.image, image_tokens), ("text", pred.text, text_tokens)):
+        if value is None:
+            continue
+        want = (tokens if tokens is not None else value.shape[1], embed_dim)
+        if value.ndim != 3 or value.shape[1:] != want:
+            raise ValueError(f"{path}/{name}.npy: shape {tuple(value.shape)}; the generator and CLIP expect "
+                             f"(n, {want[0]}, {want[1]})")
 
 
 def reconstruct(pred_dir, out, options: ReconstructOptions | None = None, force: bool = False,
@@ -118,15 +123,21 @@ def reconstruct(pred_dir, out, options: ReconstructOptions | None = None, force:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     generator, identity = _load_generator(options.generator, device, dtype)
-    _check_predictions(pred, generator.embed_dim, pred_dir)
     needs_clip = options.uncond == "clip" or options.samples > 1
-    extractor = ClipFeatureExtractor(load_clip(options.clip, device=device)) if needs_clip else None
-    if extractor is not None and extractor.towers.embed_dim != generator.embed_dim:
-        raise ValueError(f"CLIP {options.clip!r} embeds in {extractor.towers.embed_dim} dims but the generator "
-                         f"expects {generator.embed_dim}")
+    extractor = None
+    if needs_clip:
+        towers = load_clip(options.clip, device=device)
+        last = towers.n_vision_layers  # VD's image condition is the last layer's tokens
+        extractor = ClipFeatureExtractor(towers, detail_layers=(last,), semantic_layer=last)
+        if towers.embed_dim != generator.embed_dim:
+            raise ValueError(f"CLIP {options.clip!r} embeds in {towers.embed_dim} dims but the generator "
+                             f"expects {generator.embed_dim}")
+    _check_predictions(pred, generator.embed_dim, pred_dir, extractor and extractor.towers.n_image_tokens,
+                       extractor and extractor.towers.context_length)
     uncond_image = uncond_text = None
     if options.uncond == "clip":
-        grey = np.full((1, 224, 224, 3), 128, np.uint8)
+        size = extractor.image_size
+        grey = np.full((1, size, size, 3), 128, np.uint8)
         uncond_image = extractor.encode_images(grey)["image_semantic"][0]
         uncond_text = extractor.encode_texts([""])[0]
     size = options.size or generator.image_unet.config.sample_size * generator.vae_scale_factor

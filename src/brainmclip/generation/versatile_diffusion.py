@@ -1,9 +1,10 @@
 """Images from predicted CLIP embeddings with Versatile Diffusion (VD) dual guidance.
 
-BrainMCLIP conditions VD's image UNet on a predicted text embedding Ê_T (77, D) *and* a predicted image embedding
-Ê_I (257, D) at once: every cross-attention block of the image UNet is replaced by a pair of transformers (the image
-UNet's own block for the image condition, the text UNet's block at the same place for the text condition) whose
-residuals are mixed ``text_weight : 1 - text_weight``.
+BrainMCLIP conditions VD's image UNet on a predicted text embedding Ê_T (T_text, D) *and* a predicted image
+embedding Ê_I (T_image, D) at once (77 and 257 tokens of width 768 for CLIP ViT-L/14; the token counts and the
+width follow whatever CLIP the embeddings come from): every cross-attention block of the image UNet is replaced by a
+pair of transformers (the image UNet's own block for the image condition, the text UNet's block at the same place for
+the text condition) whose residuals are mixed ``text_weight : 1 - text_weight``.
 
 Every VD workaround lives in this module:
 
@@ -33,8 +34,6 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 __all__ = [
-    "IMAGE_TOKENS",
-    "TEXT_TOKENS",
     "VD_COMPONENTS",
     "MaskTolerantDualTransformer",
     "VersatileDiffusionGenerator",
@@ -45,8 +44,6 @@ __all__ = [
     "tiny_versatile_diffusion",
 ]
 
-TEXT_TOKENS = 77  # CLIP ViT-L/14 text: 77 tokens
-IMAGE_TOKENS = 257  # CLIP ViT-L/14 image: CLS + 16x16 patches
 VD_COMPONENTS = ("image_unet", "text_unet", "vae", "scheduler")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -64,7 +61,8 @@ class MaskTolerantDualTransformer(DualTransformer2DModel):
         torch.nn.Module.__init__(self)  # DualTransformer2DModel.__init__ would allocate two fresh blocks
         self.transformers = torch.nn.ModuleList([image_block, text_block])
         self.mix_ratio = 0.5
-        self.condition_lengths = [TEXT_TOKENS, IMAGE_TOKENS]
+        # (text, image) token counts: diffusers' defaults (CLIP ViT-L/14); the generator sets them for every call.
+        self.condition_lengths = [77, 257]
         self.transformer_index_for_condition = [1, 0]
 
     def forward(self, hidden_states, encoder_hidden_states, timestep=None, attention_mask=None,
@@ -150,26 +148,32 @@ class VersatileDiffusionGenerator:
     # ---------------------------------------------------------------------------------------------- steps
     def check_inputs(self, image_embeds, text_embeds, text_weight, strength, height, width, uncond_image, uncond_text,
                      init_images, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Checked tensors; token counts are free (they follow the CLIP the embeddings come from) but must agree."""
         d = self.embed_dim
         image = _as_tensor(image_embeds, "image_embeds")
-        if image.ndim != 3 or tuple(image.shape[1:]) != (IMAGE_TOKENS, d):
-            raise ValueError(f"image_embeds: shape {tuple(image.shape)}; expected (n, {IMAGE_TOKENS}, {d})")
-        n = image.shape[0]
+        if image.ndim != 3 or image.shape[-1] != d or image.shape[1] < 1:
+            raise ValueError(f"image_embeds: shape {tuple(image.shape)}; expected (n, image tokens, {d})")
+        n, image_tokens = image.shape[:2]
         text = None
         if text_embeds is not None:
             text = _as_tensor(text_embeds, "text_embeds")
-            if tuple(text.shape) != (n, TEXT_TOKENS, d):
-                raise ValueError(f"text_embeds: shape {tuple(text.shape)}; expected ({n}, {TEXT_TOKENS}, {d})")
+            if text.ndim != 3 or text.shape[0] != n or text.shape[-1] != d or text.shape[1] < 1:
+                raise ValueError(f"text_embeds: shape {tuple(text.shape)}; expected ({n}, text tokens, {d})")
         elif text_weight != 0:
             raise ValueError(f"text_embeds is None but text_weight={text_weight}; pass text embeddings or text_weight=0")
         if not 0.0 <= text_weight <= 1.0:
             raise ValueError(f"text_weight={text_weight}; expected a share in [0, 1]")
         if init_images is not None and not 0.0 < strength <= 1.0:
             raise ValueError(f"strength={strength}; expected 0 < strength <= 1")
-        for name, value, shape in (("uncond_image", uncond_image, (IMAGE_TOKENS, d)),
-                                   ("uncond_text", uncond_text, (TEXT_TOKENS, d))):
-            if value is not None and tuple(_as_tensor(value, name).shape) not in (shape, (1, *shape)):
-                raise ValueError(f"{name}: shape {tuple(_as_tensor(value, name).shape)}; expected {shape}")
+        for name, value, tokens in (("uncond_image", uncond_image, image_tokens),
+                                    ("uncond_text", uncond_text, None if text is None else text.shape[1])):
+            if value is None:
+                continue
+            shape = tuple(_as_tensor(value, name).shape)
+            core = shape[1:] if len(shape) == 3 and shape[0] == 1 else shape
+            if len(core) != 2 or core[1] != d or (tokens is not None and core[0] != tokens):
+                want = f"({tokens if tokens is not None else 'tokens'}, {d})"
+                raise ValueError(f"{name}: shape {shape}; expected {want} like the embeddings it stands in for")
         for name, size in (("height", height), ("width", width)):
             if size <= 0 or size % self.vae_scale_factor:
                 raise ValueError(f"{name}={size}; expected a positive multiple of {self.vae_scale_factor}")
@@ -179,19 +183,24 @@ class VersatileDiffusionGenerator:
             raise ValueError(f"init_images: {len(init_images)} images for {n} embeddings; pass one per image")
         return image, text
 
-    def set_mix(self, text_weight: float) -> None:
-        """Our ``text_weight`` is the text share; blocks order conditions (text, image) and mix_ratio weights the first."""
+    def set_mix(self, text_weight, text_tokens: int, image_tokens: int) -> None:
+        """Route (text, image) conditions of these lengths to their blocks; ``text_weight`` is the text share.
+
+        The blocks order conditions (text, image) and ``mix_ratio`` weights the first. ``text_weight`` may be a float
+        or a tensor broadcastable to the hidden states, e.g. (n, 1, 1, 1) for a share per sample in training.
+        """
         for block in _dual_blocks(self.image_unet):
-            block.condition_lengths = [TEXT_TOKENS, IMAGE_TOKENS]
+            block.condition_lengths = [int(text_tokens), int(image_tokens)]
             block.transformer_index_for_condition = [1, 0]  # text -> text UNet's block, image -> image UNet's block
-            block.mix_ratio = float(text_weight)
+            block.mix_ratio = text_weight if isinstance(text_weight, torch.Tensor) else float(text_weight)
 
     def encode_condition(self, image: torch.Tensor, text: torch.Tensor | None, uncond_image, uncond_text,
                          do_cfg: bool) -> torch.Tensor:
-        """(n, 77+257, D) dual condition, preceded by the unconditional one when classifier-free guidance is on.
+        """(n, T_text + T_image, D) dual condition, preceded by the unconditional one under classifier-free guidance.
 
         Unconditional embeddings default to zeros; VD's own are CLIP embeddings of "" and of a mid-grey image, which
-        the caller supplies (they need the real CLIP encoders).
+        the caller supplies (they need the real CLIP encoders). Without text embeddings the text slot holds the
+        unconditional text (one zero token when there is none either); it is then weighted 0 by ``set_mix``.
         """
         n, d = image.shape[0], self.embed_dim
         kw = {"device": self.device, "dtype": self.dtype}
@@ -199,9 +208,14 @@ class VersatileDiffusionGenerator:
         def uncond(value, tokens):
             if value is None:
                 return torch.zeros(n, tokens, d, **kw)
-            return _as_tensor(value, "uncond").to(**kw).reshape(1, tokens, d).expand(n, tokens, d)
+            value = _as_tensor(value, "uncond").to(**kw)
+            return value.reshape(1, -1, d).expand(n, -1, d)
 
-        u_text, u_image = uncond(uncond_text, TEXT_TOKENS), uncond(uncond_image, IMAGE_TOKENS)
+        if text is not None:
+            text_tokens = text.shape[1]
+        else:
+            text_tokens = _as_tensor(uncond_text, "uncond_text").reshape(-1, d).shape[0] if uncond_text is not None else 1
+        u_text, u_image = uncond(uncond_text, text_tokens), uncond(uncond_image, image.shape[1])
         c_text = u_text if text is None else text.to(**kw)  # image-only predictions: ignored at text_weight=0
         cond = torch.cat([c_text, image.to(**kw)], dim=1)
         return torch.cat([torch.cat([u_text, u_image], dim=1), cond]) if do_cfg else cond
@@ -263,7 +277,7 @@ class VersatileDiffusionGenerator:
                  text_weight: float = 0.4, uncond_image=None, uncond_text=None, generator: Generators = None,
                  init_images=None, strength: float = 0.85, height: int | None = None, width: int | None = None,
                  output_type: str = "np"):
-        """uint8 images (n, H, W, 3) from predicted image (n, 257, D) and text (n, 77, D) embeddings.
+        """uint8 images (n, H, W, 3) from predicted image (n, T_image, D) and text (n, T_text, D) embeddings.
 
         ``text_weight`` is the share of the text condition (image share ``1 - text_weight``). ``generator``: one
         ``torch.Generator`` per image for batch-independent determinism. ``init_images`` (uint8, any size): start
@@ -282,7 +296,7 @@ class VersatileDiffusionGenerator:
 
         # 2. Encode the dual condition (with the unconditional one for classifier-free guidance)
         condition = self.encode_condition(image, text, uncond_image, uncond_text, do_cfg)
-        self.set_mix(text_weight)
+        self.set_mix(text_weight, condition.shape[1] - image.shape[1], image.shape[1])
 
         # 3. Prepare timesteps and latents (pure noise, or noised VAE latents of init_images)
         timesteps = self.prepare_timesteps(num_inference_steps, strength, init_images is not None)
@@ -319,7 +333,7 @@ def best_of_n(candidates, score: Callable[[object], Sequence[float] | np.ndarray
 def cosine_scorer(embed: Callable[[object], np.ndarray], target) -> Callable[[object], np.ndarray]:
     """Scorer: cosine similarity of ``embed(candidates)`` (N, D) to ``target`` (D,), e.g. the predicted CLS token.
 
-    For a predicted image embedding (257, D) pass ``target=pred[0]`` (its CLS token) and a CLIP image embedder that
+    For a predicted image embedding (T_image, D) pass ``target=pred[0]`` (its CLS token) and a CLIP image embedder that
     returns the matching CLS (pre-projection) embeddings.
     """
     target = np.asarray(target, dtype=np.float64).reshape(-1)
@@ -335,6 +349,10 @@ def cosine_scorer(embed: Callable[[object], np.ndarray], target) -> Callable[[ob
 
 # -------------------------------------------------------------------------------------------------- loading
 def _resolve_root(path_or_id: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    from brainmclip.miniature import is_miniature, model_folder
+
+    if is_miniature(path_or_id):
+        return model_folder("vd")
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
@@ -366,7 +384,9 @@ def load_versatile_diffusion(path_or_id: str | os.PathLike = "shi-labs/versatile
                              dtype: torch.dtype = torch.float32,
                              scheduler: SchedulerMixin | None = None,
                              cache_dir: str | os.PathLike | None = None) -> VersatileDiffusionGenerator:
-    """Real VD weights from a local folder or the existing HF cache, component by component (never downloads).
+    """VD weights from a local folder or the existing HF cache, component by component (never downloads).
+
+    ``"mini"`` loads mini-VD, the miniature VD shipped with the package, through the same code.
 
     ``VersatileDiffusionDualGuidedPipeline.from_pretrained`` of a saved folder fails in diffusers, so each of
     ``image_unet``, ``text_unet``, ``vae`` and ``scheduler`` is loaded from its subfolder. The scheduler defaults

@@ -74,6 +74,10 @@ def predict(run_dir, split: str = "test", out=None, data=None) -> Path:
         from brainmclip.training.ridge_fit import ridge_outputs
 
         arrays = ridge_outputs(run_dir, paired)
+    elif run["method"] == "gt_embedding":
+        from brainmclip.training.ground_truth import ground_truth_outputs
+
+        arrays = ground_truth_outputs(run, paired)
     else:
         raise ValueError(f"{run_dir}: unknown method {run['method']!r}")
     ids = paired.stimulus_ids

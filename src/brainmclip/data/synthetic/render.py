@@ -7,7 +7,7 @@ from PIL import Image, ImageDraw
 
 from .scenes import BACKGROUNDS, COLOURS, Scene, SceneObject
 
-__all__ = ["LOW_LEVEL_CHANNELS", "low_level_maps", "render_scene"]
+__all__ = ["LOW_LEVEL_CHANNELS", "low_level_maps", "render_object_masks", "render_scene"]
 
 LOW_LEVEL_CHANNELS = ("contrast", "red-green", "blue-yellow")
 _SKIN = (232, 190, 160)
@@ -117,6 +117,19 @@ def render_scene(scene: Scene, size: int) -> np.ndarray:
     for obj in sorted(scene.objects, key=lambda o: o.y):
         _draw_object(draw, obj, size)
     return np.asarray(img, dtype=np.uint8)
+
+
+def render_object_masks(scene: Scene, size: int) -> np.ndarray:
+    """Which object each pixel of :func:`render_scene` shows: ``(size, size)`` int8, -1 for background, else the
+    object's index in ``scene.objects`` (nearer objects cover farther ones, as drawn)."""
+    sentinel = (1, 2, 3)  # a colour no drawing uses
+    labels = np.full((size, size), -1, np.int8)
+    order = sorted(range(len(scene.objects)), key=lambda k: scene.objects[k].y)
+    for k in order:
+        canvas = Image.new("RGB", (size, size), sentinel)
+        _draw_object(ImageDraw.Draw(canvas), scene.objects[k], size)
+        labels[np.any(np.asarray(canvas) != np.array(sentinel, np.uint8), axis=-1)] = k
+    return labels
 
 
 def low_level_maps(image: np.ndarray, grid: int) -> np.ndarray:

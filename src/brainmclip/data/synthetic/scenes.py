@@ -17,6 +17,8 @@ __all__ = [
     "COLOURS",
     "DOMAINS",
     "Scene",
+    "PLURALS",
+    "SIZE_WORDS",
     "SceneObject",
     "make_captions",
     "sample_scene",
@@ -68,8 +70,8 @@ _BACKGROUND_PHRASES = {
     "street": ["on a street", "on a city street", "on the road", "in the street"],
     "snow": ["in the snow", "on a snowy field", "on snow", "in a snowy place"],
 }
-_SIZE_WORDS = {"small": ["small", "little", "tiny"], "medium": ["", "", "medium"], "large": ["large", "big", "huge"]}
-_PLURALS = {"person": "people", "face": "faces", "dog": "dogs", "bird": "birds", "car": "cars", "boat": "boats",
+SIZE_WORDS = {"small": ["small", "little", "tiny"], "medium": ["", "", "medium"], "large": ["large", "big", "huge"]}
+PLURALS = {"person": "people", "face": "faces", "dog": "dogs", "bird": "birds", "car": "cars", "boat": "boats",
             "house": "houses", "tree": "trees", "sign": "signs", "ball": "balls"}
 _NUMBER_WORDS = {2: "two", 3: "three"}
 SIZES = {"small": 0.16, "medium": 0.26, "large": 0.38}
@@ -99,6 +101,13 @@ class Scene:
     background: str
     objects: tuple[SceneObject, ...]
     texture_seed: int
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Scene:
+        """Inverse of :meth:`to_dict` (positions as rounded there)."""
+        objects = tuple(SceneObject(o["category"], o["colour"], o["size"], float(o["x"]), float(o["y"]))
+                        for o in d["objects"])
+        return cls(d["background"], objects, int(d["texture_seed"]))
 
     def to_dict(self) -> dict:
         return {
@@ -132,7 +141,7 @@ def sample_scene(rng: np.random.Generator) -> Scene:
 
 
 def _noun_phrase(obj: SceneObject, rng: np.random.Generator, article: bool = True) -> str:
-    size = _SIZE_WORDS[obj.size_name][rng.integers(3)]
+    size = SIZE_WORDS[obj.size_name][rng.integers(3)]
     words = [w for w in (size, obj.colour, obj.category) if w]
     if rng.random() < 0.25:
         words = [w for w in (size, obj.category) if w]
@@ -157,7 +166,7 @@ def make_captions(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[st
         elif style == 1:
             cats = {o.category for o in objs}
             if len(objs) > 1 and len(cats) == 1:
-                text = f"{_NUMBER_WORDS[len(objs)]} {_PLURALS[objs[0].category]} {where}"
+                text = f"{_NUMBER_WORDS[len(objs)]} {PLURALS[objs[0].category]} {where}"
             else:
                 text = "there is " + ", ".join(_noun_phrase(o, rng) for o in objs) + " " + where
         elif style == 2:

@@ -42,7 +42,8 @@ from .writer import (
     write_stim_info,
 )
 
-__all__ = ["FORMAT", "SimulatedNSD", "load_truth", "make_synthetic_nsd", "simulation_dir", "truth_path"]
+__all__ = ["FORMAT", "SimulatedNSD", "load_scenes", "load_truth", "make_synthetic_nsd", "simulation_dir",
+           "truth_path"]
 
 log = logging.getLogger("brainmclip.simulate")
 
@@ -69,6 +70,19 @@ def _manifest_path(root: Path) -> Path:
 
 def _features_path(root: Path) -> Path:
     return simulation_dir(root) / "image_features.npz"
+
+
+def load_scenes(root: Path) -> dict[int, Scene]:
+    """What each simulated image shows, by NSD id (0-based), from ``simulation/scenes.jsonl``."""
+    path = simulation_dir(root) / "scenes.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; {root} is not a simulated NSD (brainmclip simulate writes it)")
+    scenes = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            scenes[int(record["nsd_id"])] = Scene.from_dict(record)
+    return scenes
 
 
 def load_truth(root: Path, subject: int) -> tuple[VoxelTuning, dict[str, np.ndarray]]:

@@ -1,0 +1,54 @@
+"""Stable Diffusion (v1 layout) from a local folder, the Hugging Face cache, or the shipped mini-SD; never downloads.
+
+MindDiffuser reconstructs with Stable Diffusion v1.4 and BrainCLIP samples with it; both take the diffusers
+``StableDiffusionPipeline`` this returns (its ``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and ``scheduler``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = ["SD_COMPONENTS", "DEFAULT_SD", "load_stable_diffusion"]
+
+DEFAULT_SD = "CompVis/stable-diffusion-v1-4"
+SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def _resolve(path_or_id: str | os.PathLike) -> Path:
+    from brainmclip.miniature import is_miniature, model_folder
+
+    if is_miniature(path_or_id):
+        return model_folder("sd")
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_id)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise FileNotFoundError(f"{path_or_id}: not a folder of Stable Diffusion components")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text, local_files_only=True))
+    except Exception as err:  # never download: a missing cache entry is the user's to fill
+        raise FileNotFoundError(f"{path_or_id}: no local folder and not in the Hugging Face cache "
+                                f"({type(err).__name__}); download it first or pass a local path") from None
+
+
+def load_stable_diffusion(path_or_id: str | os.PathLike = DEFAULT_SD, device="cpu",
+                          dtype: torch.dtype = torch.float32):
+    """A ``StableDiffusionPipeline`` (no safety checker) from a folder with SD's layout; 'mini' for mini-SD."""
+    from diffusers import StableDiffusionPipeline
+
+    root = _resolve(path_or_id)
+    missing = [c for c in SD_COMPONENTS if not (root / c).is_dir()]
+    if missing or not (root / "model_index.json").is_file():
+        raise FileNotFoundError(f"{root}: not a Stable Diffusion folder (missing "
+                                f"{', '.join(missing) or 'model_index.json'}; need {', '.join(SD_COMPONENTS)})")
+    pipe = StableDiffusionPipeline.from_pretrained(root, local_files_only=True, torch_dtype=dtype,
+                                                   safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

@@ -1,0 +1,51 @@
+"""The ground-truth "decoder": the test images' own CLIP targets, as if decoding from the brain were perfect.
+
+Its predictions are the feature store's targets for each image (Ê_I = (e_I,S + e_I,D) / 2, Ê_T = E_T, and the two
+image parts), written in the shared prediction format. Generated and scored like any method, they are the upper
+bound of a pipeline: how good reconstructions can be when the embeddings are exactly right, which shows how much is
+lost by decoding them from fMRI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from brainmclip import __version__
+from brainmclip.atomic import write_json_atomic
+from brainmclip.data.prepared import load_prepared
+from brainmclip.features.feature_store import open_feature_store
+from brainmclip.training.checkpoint import identity_of
+from brainmclip.training.data import PairedSplit
+
+__all__ = ["GROUND_TRUTH_METHOD", "ground_truth_outputs", "write_ground_truth_run"]
+
+GROUND_TRUTH_METHOD = "gt_embedding"
+
+
+def write_ground_truth_run(data, features, out) -> Path:
+    """A run folder (``run.json`` only: nothing is fitted) that ``predict`` turns into ground-truth predictions."""
+    out = Path(out)
+    if (out / "run.json").exists():
+        raise FileExistsError(f"{out} already holds a run; choose another --out")
+    prepared = load_prepared(data, images=False)
+    store = open_feature_store(features)
+    for split in prepared.splits:  # fail now, not at predict time, when the store lacks images
+        PairedSplit(prepared, split, store)
+    write_json_atomic(out / "run.json", {
+        "method": GROUND_TRUTH_METHOD, "config": {"data": {"semantic_group": "semantic", "detail_group": "detail"}},
+        "identities": {"data": identity_of(Path(data) / "manifest.json"),
+                       "features": identity_of(Path(features) / "manifest.json")},
+        "data": str(Path(data).resolve()), "features": str(Path(features).resolve()), "subject": prepared.subject,
+        "parameters": {"total": 0}, "code_version": __version__})
+    return out
+
+
+def ground_truth_outputs(run: dict, split: PairedSplit) -> dict[str, np.ndarray]:
+    store = open_feature_store(run["features"])
+    targets = store.get(split.stimulus_ids)
+    semantic = np.asarray(targets["image_semantic"], np.float32)
+    detail = np.asarray(targets["image_detail"], np.float32)
+    return {"image": (semantic + detail) / 2, "text": np.asarray(targets["text"], np.float32),
+            "image_semantic": semantic, "image_detail": detail}
