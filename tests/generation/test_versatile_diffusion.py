@@ -218,6 +218,27 @@ def test_dual_transformer_encoder_attention_mask_workaround():
         fixed(hidden, **{**call, "encoder_attention_mask": torch.ones(1, TEXT_TOKENS + IMAGE_TOKENS)})
 
 
+@pytest.mark.parametrize("ratio", [0.0, 1.0])
+def test_single_condition_shortcut_equals_the_full_dual_forward(ratio):
+    # at text share 0 or 1 only one block runs; the output must equal diffusers' mix of both residuals
+    torch.manual_seed(0)
+    blocks = [Transformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=8, norm_num_groups=4,
+                                 cross_attention_dim=D) for _ in range(2)]
+    hidden = torch.randn(2, 8, 4, 4)
+    condition = torch.randn(2, 5 + 7, D)
+    fixed = MaskTolerantDualTransformer(blocks[0], blocks[1])
+    fixed.condition_lengths = [5, 7]
+    fixed.mix_ratio = ratio
+    calls = []
+    for block in blocks:
+        block.register_forward_hook(lambda m, i, o: calls.append(m))
+    with torch.no_grad():
+        out = fixed(hidden, condition, return_dict=False)[0]
+        assert calls == [blocks[0] if ratio == 0.0 else blocks[1]]
+        expected = DualTransformer2DModel.forward(fixed, hidden, condition, return_dict=False)[0]
+    torch.testing.assert_close(out, expected)
+
+
 def test_conversion_moves_text_unet_blocks_into_image_unet():
     parts = tiny_components(embed_dim=D, seed=1)
     text_blocks = {name: m for name, m in parts["text_unet"].named_modules() if isinstance(m, Transformer2DModel)}

@@ -44,7 +44,8 @@ def test_cards_match_the_files_and_the_size_budget():
 
         for path in weights:
             with safe_open(path, "pt") as f:
-                assert {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict) == {"F16"}, path
+                dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+                assert dtypes == {"F16"}, (path, dtypes)
         total += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     assert total <= MAX_SHIPPED_BYTES, f"{total / 2**20:.1f} MB shipped"
 

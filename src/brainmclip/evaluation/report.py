@@ -66,6 +66,14 @@ DAGGER = "\u2020"
 MAX_GRID_IMAGES = 10
 
 
+#: How methods are named on the page (others appear as they are called in the runs).
+METHOD_LABELS = {"brain_mclip": "BrainMCLIP", "gt_embedding": "GT embedding (upper bound)"}
+
+
+def _method_label(method) -> str:
+    return METHOD_LABELS.get(str(method), str(method))
+
+
 def _canonical(name: str) -> str:
     return _ALIASES.get(str(name).strip().lower(), str(name))
 
@@ -171,7 +179,7 @@ def _grid_figure(subject: int, runs: Sequence[Mapping], path: Path) -> int:
         rows.append(("ground truth", truth))
     for run in runs:
         recons = [_load_rgb(p) for p in (run.get("recon_paths") or [])[:MAX_GRID_IMAGES]]
-        rows.append((str(run["method"]), recons))
+        rows.append((_method_label(run["method"]), recons))
     n_cols = max((len(images) for _, images in rows), default=0)
     if n_cols == 0:
         return 0
@@ -368,7 +376,7 @@ def _metric_table(runs: Sequence[Mapping], published: Sequence[Mapping], clip_la
     for run in sorted(runs, key=lambda r: (int(r["subject"]), str(r["method"]))):
         unc = list(run.get("uncalibrated") or [])
         any_unc |= bool({_canonical(u) for u in unc} & {_canonical(m) for m in (run.get("metrics") or {})})
-        rows.append(f'<tr><td class="name">{_e(run["method"])}</td><td>{_e(run["subject"])}</td>'
+        rows.append(f'<tr><td class="name">{_e(_method_label(run["method"]))}</td><td>{_e(run["subject"])}</td>'
                     f'{_metric_cells(run.get("metrics") or {}, run.get("ci95"), unc)}'
                     f'<td>{_e(_params_text(run))}</td></tr>')
     subjects = sorted({int(r["subject"]) for r in runs})
@@ -379,7 +387,7 @@ def _metric_table(runs: Sequence[Mapping], published: Sequence[Mapping], clip_la
             mean = {k: float(np.mean([m[k] for m in maps])) for k, *_ in COLUMNS if all(k in m for m in maps)}
             unc = {_canonical(u) for r in members for u in (r.get("uncalibrated") or [])}
             who = ",".join(str(int(r["subject"])) for r in sorted(members, key=lambda r: int(r["subject"])))
-            rows.append(f'<tr class="mean"><td class="name">{_e(method)} (mean)</td><td>{_e(who)}</td>'
+            rows.append(f'<tr class="mean"><td class="name">{_e(_method_label(method))} (mean)</td><td>{_e(who)}</td>'
                         f'{_metric_cells(mean, None, unc)}<td></td></tr>')
     body = "<tbody>" + "".join(rows) + "</tbody>"
     head = '<thead><tr><th class="name">method</th><th>subject</th>{}<th>params</th></tr></thead>'
@@ -423,7 +431,7 @@ def _retrieval_table(runs: Sequence[Mapping]) -> str:
 
     titles = {"image_top1": "image retrieval top-1", "brain_top1": "brain retrieval top-1", "n_way": "n-way"}
     head = "".join(f"<th>{_e(titles.get(k, k))}</th>" for k in keys)
-    body = "".join(f'<tr><td class="name">{_e(r["method"])}</td><td>{_e(r["subject"])}</td>'
+    body = "".join(f'<tr><td class="name">{_e(_method_label(r["method"]))}</td><td>{_e(r["subject"])}</td>'
                    + "".join(cell(k, f.get(k)) for k in keys) + "</tr>" for r, f in zip(rows, flat, strict=True))
     return (f'<h2 id="retrieval">Retrieval</h2><table><thead><tr><th class="name">method</th><th>subject</th>{head}'
             f"</tr></thead><tbody>{body}</tbody></table>"
@@ -441,7 +449,7 @@ def _scene_table(runs: Sequence[Mapping]) -> str:
         interval = c.get("ci95")
         ci = (f'<span class="ci">[{100 * interval[0]:.1f}\u2013{100 * interval[1]:.1f}]</span>'
               if interval is not None and len(interval) == 2 else "")
-        body.append(f'<tr><td class="name">{_e(r["method"])}</td><td>{_e(r["subject"])}</td>'
+        body.append(f'<tr><td class="name">{_e(_method_label(r["method"]))}</td><td>{_e(r["subject"])}</td>'
                     f'<td>{100 * float(c["category_agreement"]):.1f}%{ci}</td>'
                     f'<td>{100 * float(c["truth_zero_shot"]):.1f}%</td></tr>')
     clip = _e(rows[0]["scene_checks"].get("clip", ""))

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel, UniPCMultistepScheduler
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.dual_transformer_2d import DualTransformer2DModel
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet import UNetFlatConditionModel
@@ -69,6 +70,17 @@ class MaskTolerantDualTransformer(DualTransformer2DModel):
                 cross_attention_kwargs=None, return_dict: bool = True, encoder_attention_mask=None, **unused):
         if encoder_attention_mask is not None:
             raise ValueError("dual-guided attention does not support encoder_attention_mask; pass None")
+        ratio = self.mix_ratio
+        if not isinstance(ratio, torch.Tensor) and ratio in (0.0, 1.0):
+            # One condition has weight 0: its block's residual would be multiplied by 0, so it is not computed
+            # (half the attention cost for image-only or text-only generation and training steps).
+            condition = 0 if ratio == 1.0 else 1
+            start = sum(self.condition_lengths[:condition])
+            block = self.transformers[self.transformer_index_for_condition[condition]]
+            out = block(hidden_states, encoder_hidden_states=encoder_hidden_states[:, start:start
+                                                                                   + self.condition_lengths[condition]],
+                        timestep=timestep, cross_attention_kwargs=cross_attention_kwargs, return_dict=False)[0]
+            return (out,) if not return_dict else Transformer2DModelOutput(sample=out)
         return super().forward(hidden_states, encoder_hidden_states, timestep=timestep, attention_mask=attention_mask,
                                cross_attention_kwargs=cross_attention_kwargs, return_dict=return_dict)
 

@@ -36,6 +36,7 @@ from brainmclip.miniature.vd import (
     _digest,
     build_unet,
     diffusion_loss,
+    object_pixel_weights,
     train_scheduler_config,
 )
 from brainmclip.miniature.world import load_or_build_bank
@@ -109,7 +110,9 @@ def train_mini_sd(out, clip: str | Path = "mini", vae: str | Path = "mini", conf
             noise = torch.randn_like(x0)
             t = torch.from_numpy(rng.integers(0, noise_schedule.config.num_train_timesteps, b))
             pred = unet(noise_schedule.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
-            loss = diffusion_loss(pred, x0, noise, t, noise_schedule, unet_cfg.snr_gamma)
+            weight = (object_pixel_weights(bank.labels["category_map"][rows], x0.shape[-1], unet_cfg.object_weight)
+                      if unet_cfg.object_weight else None)
+            loss = diffusion_loss(pred, x0, noise, t, noise_schedule, unet_cfg.snr_gamma, weight)
             loss.backward()
             return {"loss": loss.item()}
 
