@@ -6,9 +6,9 @@ The components are VD's own diffusers classes in VD's folder layout (``image_une
 real weights. In VD the image UNet's cross-attention blocks read the image condition and the text UNet's blocks at
 the same places read the text condition; dual guidance runs both and mixes their residuals. mini-VD is trained in
 that dual form directly: each step is image only (text share 0), text only (share 1) or mixed (a uniform share per
-sample), and each condition is replaced by its unconditional embedding (mini-CLIP of "" / of a mid-grey image, VD's choice) with
-a small probability, which is what classifier-free guidance needs. Only the text UNet's transformer blocks take part
-in dual guidance; the rest of ``text_unet`` (VD's text-generation path) is kept at its random initialisation.
+sample), and each condition is replaced by its unconditional embedding (mini-CLIP of "" / of a mid-grey image, VD's
+choice) with a small probability, which is what classifier-free guidance needs. Only the text UNet's transformer
+blocks take part in dual guidance; the rest of ``text_unet`` (VD's text-generation path) keeps its random initialisation.
 
 Conditions are VD's: the image condition is mini-CLIP's last vision layer, every token through ``post_layernorm``
 and ``visual_projection`` and divided by the projected CLS norm; the text condition is the projected text tokens
