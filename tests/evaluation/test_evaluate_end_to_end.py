@@ -35,10 +35,11 @@ def test_demo_runs_every_stage(demo):
 
 def test_demo_chain_evaluates_and_reports(demo):
     tmp_path, printed = demo
-    assert "report:" in printed and len(printed.strip().splitlines()) == 5
+    # header, data line, one line per method (BrainMCLIP, GT-embedding upper bound, ridge), report path
+    assert "report:" in printed and len(printed.strip().splitlines()) == 6 and "gt_embedding" in printed
     metrics = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
-    assert {(r["subject"], r["method"]) for r in metrics["runs"]} == {(1, "brain_mclip"), (1, "ridge"),
-                                                                     (2, "brain_mclip"), (2, "ridge")}
+    assert {(r["subject"], r["method"]) for r in metrics["runs"]} == {
+        (s, m) for s in (1, 2) for m in ("brain_mclip", "ridge", "gt_embedding")}
     for run in metrics["runs"]:
         assert len(run["metrics"]) == 8 and all(np.isfinite(v) for v in run["metrics"].values())
         # No metric network weights exist here: every network column must say so.
@@ -50,9 +51,10 @@ def test_demo_chain_evaluates_and_reports(demo):
     table = (tmp_path / "evaluation" / "metrics.md").read_text()
     assert "(published)" in table and "†" in table
     csv_rows = (tmp_path / "evaluation" / "metrics.csv").read_text().splitlines()
-    assert csv_rows[0].startswith("subject,method,PixCorr") and len(csv_rows) == 1 + 4 + 2
+    assert csv_rows[0].startswith("subject,method,PixCorr") and len(csv_rows) == 1 + 6 + 3
     html = (tmp_path / "report" / "index.html").read_text()
-    assert "published" in html and "figures/" in html
+    assert "published" in html and "figures/" in html and "GT embedding (upper bound)" in html
+    assert "mini-CLIP" in html  # the CLIP column names the network actually used
     # Rebuilding the report from the evaluation folder through the CLI works too.
     assert main(["-q", "report", "--eval", str(tmp_path / "evaluation"), "--out", str(tmp_path / "report2")]) == 0
     assert (tmp_path / "report2" / "index.html").exists()
