@@ -36,7 +36,7 @@ from brainmclip.features.tokenizer import (
     tokenize,
 )
 from brainmclip.miniature.card import write_model_card
-from brainmclip.miniature.training import Phase, attach_log, cosine_with_warmup, run_phase
+from brainmclip.miniature.training import Phase, cosine_with_warmup, run_phase, training_folder
 from brainmclip.miniature.world import (
     BACKGROUND_NAMES,
     CATEGORY_NAMES,
@@ -240,11 +240,7 @@ def train_mini_clip(out, config: str = "clip", overrides: list[str] | None = Non
 
     ``cache``: where rendered scene banks are kept (default ``out/cache``); the three trainings can share one.
     """
-    out = Path(out)
-    if force and out.exists():
-        shutil.rmtree(out)
-    handler = attach_log(out)
-    try:
+    with training_folder(out, force) as out:
         raw = load_miniature_config(config, overrides)
         cfg = MiniClipConfig.from_dict(raw)
         start = time.perf_counter()
@@ -291,9 +287,6 @@ def train_mini_clip(out, config: str = "clip", overrides: list[str] | None = Non
                          seconds, sum(p.numel() for p in model.parameters()), quality)
         log.info("mini-CLIP exported to %s in %.0f s: %s", folder, time.perf_counter() - start, quality)
         return folder
-    finally:
-        logging.getLogger("brainmclip").removeHandler(handler)
-        handler.close()
 
 
 def export_mini_clip(model: CLIPModel, tokenizer_dir: Path, folder: Path) -> Path:

@@ -27,7 +27,7 @@ from brainmclip.features.clip_models import load_clip, resolve_model_folder
 from brainmclip.features.tokenizer import tokenize
 from brainmclip.miniature.card import file_checksums, write_model_card
 from brainmclip.miniature.clip import load_miniature_config
-from brainmclip.miniature.training import Phase, attach_log, cosine_with_warmup, run_phase
+from brainmclip.miniature.training import Phase, cosine_with_warmup, run_phase, training_folder
 from brainmclip.miniature.vae import encode_bank
 from brainmclip.miniature.vd import (
     UnetConfig,
@@ -62,11 +62,7 @@ def train_mini_sd(out, clip: str | Path = "mini", vae: str | Path = "mini", conf
 
     ``vae``: a folder holding an AutoencoderKL, or a mini-VD folder (its ``vae/``), or 'mini' (the shipped mini-VD).
     """
-    out = Path(out)
-    if force and out.exists():
-        shutil.rmtree(out)
-    handler = attach_log(out)
-    try:
+    with training_folder(out, force) as out:
         raw = load_miniature_config(config, overrides)
         check_keys(_SdConfig, raw, "mini-SD")
         seed = int(raw["seed"])
@@ -131,9 +127,6 @@ def train_mini_sd(out, clip: str | Path = "mini", vae: str | Path = "mini", conf
                          seed, settings, stats["seconds"], n_params, quality)
         log.info("mini-SD exported to %s in %.0f s: %s", folder, time.perf_counter() - start, quality)
         return folder
-    finally:
-        logging.getLogger("brainmclip").removeHandler(handler)
-        handler.close()
 
 
 def _vae_folder(vae: str | Path) -> Path:

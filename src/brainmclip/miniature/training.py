@@ -13,8 +13,10 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +69,20 @@ class Phase:
 
 def _checkpoint_path(out: Path, phase: str) -> Path:
     return out / "checkpoints" / f"{phase}.pt"
+
+
+@contextmanager
+def training_folder(out, force: bool = False) -> Iterator[Path]:
+    """``out`` as a Path (deleted first when ``force``), with the package log copied to ``out/train.log`` inside."""
+    out = Path(out)
+    if force and out.exists():
+        shutil.rmtree(out)
+    handler = attach_log(out)
+    try:
+        yield out
+    finally:
+        logging.getLogger("brainmclip").removeHandler(handler)
+        handler.close()
 
 
 def attach_log(out: Path) -> logging.Handler:

@@ -41,7 +41,7 @@ from brainmclip.generation.versatile_diffusion import (
 )
 from brainmclip.miniature.card import file_checksums, write_model_card
 from brainmclip.miniature.clip import load_miniature_config
-from brainmclip.miniature.training import Phase, attach_log, cosine_with_warmup, run_phase
+from brainmclip.miniature.training import Phase, cosine_with_warmup, run_phase, training_folder
 from brainmclip.miniature.vae import VaeConfig, build_vae, encode_bank, vae_phase
 from brainmclip.miniature.world import load_or_build_bank
 
@@ -194,11 +194,7 @@ def _unconvert(image_unet: UNet2DConditionModel) -> None:
 def train_mini_vd(out, clip: str | Path = "mini", config: str = "vd", overrides: list[str] | None = None,
                   force: bool = False, cache=None, progress: bool = True, command: str = "") -> Path:
     """Train the VAE, then mini-VD's UNets on mini-CLIP conditions, into ``out``; export ``out/model``."""
-    out = Path(out)
-    if force and out.exists():
-        shutil.rmtree(out)
-    handler = attach_log(out)
-    try:
+    with training_folder(out, force) as out:
         raw = load_miniature_config(config, overrides)
         check_keys(_VdConfig, raw, "mini-VD")
         seed = int(raw["seed"])
@@ -288,9 +284,6 @@ def train_mini_vd(out, clip: str | Path = "mini", config: str = "vd", overrides:
                          seed, settings, vae_stats["seconds"] + unet_stats["seconds"], n_params, quality)
         log.info("mini-VD exported to %s in %.0f s: %s", folder, time.perf_counter() - start, quality)
         return folder
-    finally:
-        logging.getLogger("brainmclip").removeHandler(handler)
-        handler.close()
 
 
 @dataclass
