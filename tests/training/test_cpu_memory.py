@@ -1,4 +1,4 @@
-"""keep_freed_memory: freed large blocks stay in the process inside the block, not after it."""
+"""keep_freed_memory: freed large blocks stay in the process inside the block and go back on exit."""
 
 from __future__ import annotations
 
@@ -29,9 +29,11 @@ def test_freed_gradients_stay_resident_only_inside_the_block():
     with keep_freed_memory() as kept:
         assert kept is True
         kept_inside = _rss_left_after_freeing(size)
-    returned_after = _rss_left_after_freeing(size)
+        rss_at_exit = _rss_bytes()
+    returned_on_exit = rss_at_exit - _rss_bytes()
     assert kept_inside > 0.9 * size  # the freed block's pages are still ours, ready for the next step
-    assert returned_after < 0.1 * size  # glibc's defaults are back: large blocks go back to the kernel
+    # Whatever else the process allocated meanwhile, the kept block's pages go back when the block ends.
+    assert returned_on_exit > 0.9 * size
 
 
 def test_disabled_is_a_no_op():

@@ -6,8 +6,8 @@ the kernel on ``free``, so every step pays for the kernel zeroing and page-fault
 again: on 2 CPU cores that was 11-13% of a BrainMCLIP step in ``bench/train_step_flops.py``
 (batch 32 / 64), and more in a fresh process.
 Telling glibc to serve them from its heap and never trim it makes the second step reuse the
-first step's pages. The process keeps its peak footprint until the setting is undone, which a
-training process reaches anyway after one step.
+first step's pages. The process keeps its peak footprint until the block ends, which a training
+process reaches anyway after one step; on exit the kept free pages go back to the kernel.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def keep_freed_memory(enabled: bool = True) -> Iterator[bool]:
     """Within the block, large allocations come from glibc's heap and freed memory stays there.
 
     Yields whether the setting took effect (False off glibc, or when ``enabled`` is False). On
-    exit glibc's defaults are restored; memory already kept is returned as it is freed later.
+    exit glibc's defaults are restored and the free memory kept so far goes back to the kernel
+    (``malloc_trim``), wherever it sits in the heap.
     """
     libc = _glibc() if enabled else None
     if libc is None:
@@ -59,3 +60,4 @@ def keep_freed_memory(enabled: bool = True) -> Iterator[bool]:
     finally:
         libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
         libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+        libc.malloc_trim(0)
