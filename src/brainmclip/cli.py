@@ -343,13 +343,16 @@ def _add_report(sub) -> None:
     p.add_argument("--eval", required=True, type=Path, help="folder written by brainmclip evaluate")
     p.add_argument("--out", required=True, type=Path, help="report folder (index.html + figures/)")
     p.add_argument("--title", default="brainmclip reconstructions")
+    p.add_argument("--analyses", nargs="+", type=Path, default=[],
+                   help="folders of `brainmclip analyze` / `brainmclip ablate` outputs (or folders holding them) "
+                        "to show as sections of the report")
     p.set_defaults(func=_run_report)
 
 
 def _run_report(args) -> int:
     from brainmclip.evaluation.evaluate import make_report
 
-    print(f"report: {make_report(args.eval, args.out, title=args.title)}")
+    print(f"report: {make_report(args.eval, args.out, title=args.title, analyses=args.analyses)}")
     return 0
 
 
@@ -457,8 +460,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_report(sub)
     _add_miniature(sub)
+    _add_analyze(sub)
     _add_demo(sub)
     return parser
+
+
+def _add_analyze(sub) -> None:
+    import importlib
+    import importlib.util
+
+    from brainmclip.analysis import ANALYSES
+
+    p = sub.add_parser("analyze", help="the BrainMCLIP paper's analyses (RSA, layer CKA, layer sweep, ...)",
+                       description="Each analysis writes its numbers (npz/csv), a figure and manifest.json into "
+                                   "--out; `brainmclip report --analyses` shows them.")
+    asub = p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
+    for name in ANALYSES:
+        if importlib.util.find_spec(f"brainmclip.analysis.{name}") is None:
+            continue
+        module = importlib.import_module(f"brainmclip.analysis.{name}")
+        a = asub.add_parser(name.replace("_", "-"), help=module.HELP, description=module.HELP)
+        module.add_arguments(a)
+        a.set_defaults(func=_run_analysis(module))
+
+
+def _run_analysis(module):
+    def run(args) -> int:
+        print(module.run(args))
+        return 0
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -231,8 +231,15 @@ def format_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def make_report(eval_dir, out, title: str = "brainmclip reconstructions", debug_image_check: bool = False) -> Path:
-    """An HTML report (grids, metric table with intervals, retrieval, training curves) from an evaluation folder."""
+def make_report(eval_dir, out, title: str = "brainmclip reconstructions", debug_image_check: bool = False,
+                analyses=()) -> Path:
+    """An HTML report (grids, metric table with intervals, retrieval, training curves) from an evaluation folder.
+
+    ``analyses``: folders holding finished analyses (``brainmclip analyze`` / ``ablate`` outputs, or
+    folders of them); each gets a section of the report.
+    """
+    from brainmclip.analysis.common import find_analyses
+
     from brainmclip.evaluation.report import read_tensorboard_scalars, write_report
 
     eval_dir = Path(eval_dir)
@@ -266,8 +273,9 @@ def make_report(eval_dir, out, title: str = "brainmclip reconstructions", debug_
     if clip_label:
         notes.append(f"The CLIP column is 2-way identification with {clip_label}, not CLIP ViT-L/14: these numbers "
                      "compare our own rows and are not comparable with published CLIP numbers.")
+    found = [a for folder in analyses for a in find_analyses(folder)]
     return write_report(out, runs, title=title, published=report["published"], debug_image_check=debug_image_check,
-                        clip_label=clip_label, notes=notes)
+                        clip_label=clip_label, notes=notes, analyses=found)
 
 
 def clip_metric_label(clip_model: str) -> str | None:

@@ -462,8 +462,34 @@ def _scene_table(runs: Sequence[Mapping]) -> str:
             "reach with this classifier. Chance is about 12%.</p>")
 
 
+def _analysis_table(rows: Sequence[Mapping]) -> str:
+    if not rows:
+        return ""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{_e(_scalar_text(row.get(c, '')))}</td>" for c in columns) + "</tr>"
+                   for row in rows)
+    return f'<table class="analysis"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _analyses_html(analyses: Sequence[Mapping]) -> list[str]:
+    if not analyses:
+        return []
+    parts = ['<h2 id="analyses">Analyses</h2>']
+    for a in analyses:
+        parts.append(f'<h3 id="analysis-{_e(a["analysis"])}">{_e(a["title"])}</h3>')
+        if a.get("figure_src"):
+            parts.append(f'<figure><img src="{_e(a["figure_src"])}" alt="{_e(a["title"])}">'
+                         f"<figcaption>{_e(a.get('caption', ''))}</figcaption></figure>")
+        else:
+            parts.append(f'<p class="legend">{_e(a.get("caption", ""))}</p>')
+        parts.append(_analysis_table(a.get("table") or []))
+    return parts
+
+
 def _render_html(title: str, runs: Sequence[Mapping], published: Sequence[Mapping], figures: Mapping,
-                 debug_image_check: bool, clip_label: str | None = None, notes: Sequence[str] = ()) -> str:
+                 debug_image_check: bool, clip_label: str | None = None, notes: Sequence[str] = (),
+                 analyses: Sequence[Mapping] = ()) -> str:
     protocols = _unique([r.get("protocol") for r in runs])
     datas = _unique([r.get("data") for r in runs])
     subjects = sorted({int(r["subject"]) for r in runs})
@@ -509,6 +535,7 @@ def _render_html(title: str, runs: Sequence[Mapping], published: Sequence[Mappin
         if "curves" in fig:
             parts.append(f'<figure><img src="{_e(fig["curves"])}" alt="subject {subject} training curves">'
                          "<figcaption>Training and validation curves (TensorBoard scalars).</figcaption></figure>")
+    parts += _analyses_html(analyses)
     parts.append('<h2 id="details">Protocol and data</h2>')
     for k, p in enumerate(protocols):
         parts.append(f"<h3>Protocol{f' {k + 1}' if len(protocols) > 1 else ''}</h3>{_kv(p)}")
@@ -558,8 +585,11 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 def write_report(out_dir, runs: Sequence[Mapping], title: str = "BrainMCLIP reconstruction report",
                  published: Sequence[Mapping] | None = None, debug_image_check: bool = False,
-                 clip_label: str | None = None, notes: Sequence[str] = ()) -> Path:
+                 clip_label: str | None = None, notes: Sequence[str] = (), analyses: Sequence[Mapping] = ()) -> Path:
     """Write ``out_dir/index.html`` and ``out_dir/figures/*.png``; return the path of index.html.
+
+    ``analyses`` are summaries of analysis folders (:func:`brainmclip.analysis.common.find_analyses`);
+    each gets a section with its figure, caption and table after the per-subject figures.
 
     ``clip_label`` names the network behind our CLIP column when it is not CLIP ViT-L/14 (e.g. "mini-CLIP");
     published rows then get a table of their own. ``notes`` are sentences shown under the header.
@@ -584,7 +614,15 @@ def write_report(out_dir, runs: Sequence[Mapping], title: str = "BrainMCLIP reco
             if _curves_figure(subject, members, tmp / "figures" / f"subj{subject:02d}_curves.png"):
                 entry["curves"] = f"figures/subj{subject:02d}_curves.png"
             figures[subject] = entry
-        page = _render_html(title, runs, published, figures, debug_image_check, clip_label, notes)
+        shown = []
+        for k, a in enumerate(analyses):
+            a = dict(a)
+            source = Path(a["folder"]) / a.get("figure", "figure.png")
+            if source.is_file():
+                a["figure_src"] = f"figures/analysis_{k:02d}_{a['analysis']}.png"
+                shutil.copyfile(source, tmp / a["figure_src"])
+            shown.append(a)
+        page = _render_html(title, runs, published, figures, debug_image_check, clip_label, notes, shown)
         (tmp / "index.html").write_text(page, encoding="utf-8")
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         _replace_dir(tmp, out_dir)
