@@ -7,11 +7,19 @@ either feature space, which is why BrainMCLIP uses ``1 - CKA`` next to an elemen
 
 Everything here works on ``n x n`` Gram matrices, never on ``d x d`` feature covariances: CLIP
 token stacks have ``m * d = 257 * 768`` features per sample but batches of only tens of samples.
+
+For the linear kernel, centring the Gram matrix equals centring the features first
+(``H X Xᵀ H = (HX)(HX)ᵀ``). The losses centre first, in float32 with autocast off: CLIP stacks
+share a component across samples that is far larger than what tells them apart, and a Gram
+matrix formed before centring (in bf16 under autocast, or even float32 for near-identical
+samples) has lost that difference to rounding by the time the mean is subtracted.
 """
 
 from __future__ import annotations
 
 import torch
+
+from brainmclip.losses.precision import full_precision
 
 __all__ = ["center_gram", "hsic", "linear_cka", "token_cka", "cka_loss"]
 
@@ -65,8 +73,11 @@ def hsic(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
     return (Kc * Lc.transpose(-1, -2)).sum(dim=(-2, -1)) / (n - 1) ** 2
 
 
+@full_precision
 def _cka_from_features(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """Linear CKA of feature matrices ``X: (..., n, p)`` and ``Y: (..., n, q)`` -> shape (...)."""
+    X = X - X.mean(dim=-2, keepdim=True)
+    Y = Y - Y.mean(dim=-2, keepdim=True)
     K = X @ X.transpose(-1, -2)
     L = Y @ Y.transpose(-1, -2)
     cross = hsic(K, L)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from brainmclip.losses.precision import full_precision
+
 __all__ = ["info_nce", "soft_clip"]
 
 
@@ -24,6 +26,7 @@ def _check_pair(pred: torch.Tensor, target: torch.Tensor, temperature: float) ->
         raise ValueError(f"temperature must be positive, got {temperature}")
 
 
+@full_precision
 def info_nce(pred: torch.Tensor, target: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
     """Symmetric CLIP-style InfoNCE: sample ``i``'s positive is ``i``, the rest of the batch negatives.
 
@@ -51,6 +54,7 @@ def info_nce(pred: torch.Tensor, target: torch.Tensor, temperature: float = 0.07
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
+@full_precision
 def soft_clip(pred: torch.Tensor, target: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
     """MindEye's SoftCLIP: InfoNCE with soft labels taken from the targets' own similarities.
 

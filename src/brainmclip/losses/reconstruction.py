@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from brainmclip.losses.precision import full_precision
+
 __all__ = ["mse", "cosine_loss", "gaussian_kl"]
 
 
+@full_precision
 def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean squared error over all elements.
 
@@ -24,6 +27,7 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(a, b)
 
 
+@full_precision
 def cosine_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``1 - mean_i cos(a_i, b_i)`` with each sample flattened to one vector.
 

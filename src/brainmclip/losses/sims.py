@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from brainmclip.losses.precision import full_precision
+
 __all__ = ["token_similarity", "sims_loss"]
 
 
@@ -33,6 +35,7 @@ def token_similarity(A: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return F.cosine_similarity(A[:, :1, :], A[:, 1:, :], dim=-1, eps=eps)
 
 
+@full_precision
 def sims_loss(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """MSE between the token-similarity profiles of ``A`` and ``B``.
 

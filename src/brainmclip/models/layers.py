@@ -41,6 +41,11 @@ class TokenHead(nn.Module):
 
     The dense head dominates the parameter count (hidden x 257 x 768); the low-rank option
     trades accuracy for memory on small GPUs and is never the default.
+
+    The output bias is added in float32, also under bf16 autocast: started at the mean target
+    (:meth:`start_at`), the bias carries a component shared by all images that is many times
+    larger than the image-to-image differences the weights add, and a bf16 sum would round those
+    differences to a few steps of 2^-8 of the mean. The weights' product stays in the autocast dtype.
     """
 
     def __init__(self, in_dim: int, tokens: int, embed_dim: int, rank: int = 0):
@@ -51,7 +56,11 @@ class TokenHead(nn.Module):
             nn.Linear(in_dim, out)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).view(*x.shape[:-1], self.tokens, self.embed_dim)
+        low_rank = isinstance(self.proj, nn.Sequential)
+        last = self.proj[-1] if low_rank else self.proj
+        y = nn.functional.linear(self.proj[0](x) if low_rank else x, last.weight)
+        y = y.to(torch.promote_types(y.dtype, last.bias.dtype)) + last.bias
+        return y.view(*x.shape[:-1], self.tokens, self.embed_dim)
 
     @torch.no_grad()
     def start_at(self, mean: Tensor) -> None:
