@@ -100,14 +100,36 @@ def test_init_images_are_used(tmp_path):
         reconstruct(pred, tmp_path / "x", ReconstructOptions(**FAST, init_dir=str(init)), progress=False)
 
 
-def test_best_of_n_keeps_the_candidate_closest_to_the_prediction(tmp_path):
+def _with_run(pred_dir, tmp_path, branches=None, detail_layers=(1, 2)):
+    """Point the predictions at a run whose feature store used these layers (what best-of-N reads)."""
+    import json
+
+    store, run = tmp_path / "store", tmp_path / "run"
+    store.mkdir(exist_ok=True)
+    run.mkdir(exist_ok=True)
+    last = random_clip("tiny").n_vision_layers
+    (store / "manifest.json").write_text(json.dumps({"settings": {"extractor": {
+        "detail_layers": list(detail_layers), "semantic_layer": last, "merge": "project-then-average"}}}))
+    (run / "run.json").write_text(json.dumps({"features": str(store),
+                                              **({"model_config": {"branches": branches}} if branches else {})}))
+    manifest = json.loads((pred_dir / "manifest.json").read_text())
+    (pred_dir / "manifest.json").write_text(json.dumps({**manifest, "run": str(run)}))
+    return last
+
+
+@pytest.mark.parametrize("branches", [None, ["text", "image_detail"]], ids=["fused", "detail-only"])
+def test_best_of_n_keeps_the_candidate_closest_to_the_prediction(tmp_path, branches):
     pred_dir = _predictions(tmp_path / "pred", n=3)
+    last = _with_run(pred_dir, tmp_path, branches)
     out = reconstruct(pred_dir, tmp_path / "best", ReconstructOptions(**FAST, samples=3), progress=False)
-    # Recompute every candidate directly and score it with the tiny CLIP, outside reconstruct().
+    # Recompute every candidate directly and embed it as the decoder's targets were (layers 1-2 and the
+    # last one; fused, or the detail path alone), outside reconstruct().
     generator = tiny_versatile_diffusion()
-    extractor = ClipFeatureExtractor(random_clip("tiny"))
+    towers = random_clip("tiny")
+    uncond = ClipFeatureExtractor(towers, (last,), last)
+    targets = ClipFeatureExtractor(towers, (1, 2), last)
     grey = np.full((1, 224, 224, 3), 128, np.uint8)
-    u_img, u_txt = extractor.encode_images(grey)["image_semantic"][0], extractor.encode_texts([""])[0]
+    u_img, u_txt = uncond.encode_images(grey)["image_semantic"][0], uncond.encode_texts([""])[0]
     pred = np.load(pred_dir / "image.npy").astype(np.float32)
     text = np.load(pred_dir / "text.npy").astype(np.float32)
     for i, nsd_id in enumerate(out.stimulus_ids):
@@ -118,12 +140,46 @@ def test_best_of_n_keeps_the_candidate_closest_to_the_prediction(tmp_path):
             img = generator.generate(torch.tensor(pred[i:i + 1]), torch.tensor(text[i:i + 1]), num_inference_steps=3,
                                      uncond_image=u_img, uncond_text=u_txt, generator=g)
             candidates.append(img[0])
-            cls = extractor.encode_images(img)["image_semantic"][0, 0].numpy()
-            target = pred[i, 0]
-            scores.append(cls @ target / np.linalg.norm(cls) / np.linalg.norm(target))
+            emb = targets.encode_images(img)
+            own = emb["image_detail"] if branches else (emb["image_semantic"] + emb["image_detail"]) / 2
+            v, t = own[0].numpy().ravel(), pred[i].ravel()
+            scores.append(v @ t / np.linalg.norm(v) / np.linalg.norm(t))
         best = int(np.argmax(scores))
         assert out.manifest["images"][str(int(nsd_id))]["sample"] == best
+        np.testing.assert_allclose(out.manifest["images"][str(int(nsd_id))]["scores"], scores, atol=1e-5)
         np.testing.assert_array_equal(out.load(i), candidates[best])
+
+
+def test_best_of_n_needs_the_targets_feature_store(tmp_path, capsys):
+    pred_dir = _predictions(tmp_path / "pred", n=2)
+    assert main(["-q", "reconstruct", "--pred", str(pred_dir), "--out", str(tmp_path / "o"), "--generator", "tiny",
+                 "--clip", "tiny", "--samples", "2"]) == 1
+    assert "feature store" in capsys.readouterr().err
+
+
+def test_text_only_predictions_use_the_text_condition_alone(tmp_path):
+    rng = np.random.default_rng(0)
+    ids = np.array([4, 9])
+    text = rng.normal(size=(2, 77, 32)).astype(np.float32)
+    only = write_predictions(tmp_path / "text_only", ids, {"text": text}, {"method": "brain_mclip", "subject": 1})
+    out = reconstruct(only, tmp_path / "o", ReconstructOptions(**FAST), progress=False)
+    assert len(out) == 2 and out.manifest["complete"]
+    # The same text with any image prediction at text share 1 draws the same pixels: the image slot is unused.
+    image = rng.normal(size=(2, 257, 32)).astype(np.float32)
+    both = write_predictions(tmp_path / "both", ids, {"text": text, "image": image},
+                             {"method": "brain_mclip", "subject": 1})
+    ref = reconstruct(both, tmp_path / "ref", ReconstructOptions(**FAST, text_weight=1.0), progress=False)
+    for i in range(2):
+        np.testing.assert_array_equal(out.load(i), ref.load(i))
+    other = write_predictions(tmp_path / "other", ids, {"text": text[::-1].copy()},
+                              {"method": "brain_mclip", "subject": 1})
+    assert not np.array_equal(reconstruct(other, tmp_path / "x", ReconstructOptions(**FAST), progress=False).load(0),
+                              out.load(0))
+    generator = tiny_versatile_diffusion()
+    with pytest.raises(ValueError, match="text_weight=1"):
+        generator.generate(None, torch.tensor(text), text_weight=0.4, num_inference_steps=1)
+    with pytest.raises(ValueError, match="both None"):
+        generator.generate(None, None, text_weight=0.0, num_inference_steps=1)
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys):

@@ -3,8 +3,11 @@
 Each image gets its own seeded generator (seed, NSD id, sample k), so pixels do not depend on
 batching or on which images a resumed run still had to make. A PNG appears under its final
 name only once written; a rerun with the same settings makes only the missing ones. With
-``samples`` > 1 the candidate whose CLIP image embedding (CLS) is closest to the predicted
-one is kept (best-of-N).
+``samples`` > 1 the candidate whose CLIP image embedding is closest to the predicted Ê_I is
+kept (best-of-N); candidates are embedded exactly as the predictions' targets were (the feature
+store's layers and merge, and the fused or single-path target the decoder learned), so both
+sides of the comparison live in one space. Predictions without Ê_I (a text-only decoder) are
+generated from VD's text condition alone.
 """
 
 from __future__ import annotations
@@ -85,8 +88,8 @@ def _load_generator(name: str, device, dtype):
 
 def _check_predictions(pred, embed_dim: int, path: Path, image_tokens: int | None, text_tokens: int | None) -> None:
     """Predictions must have the generator's width and, when the CLIP is known, that CLIP's token counts."""
-    if pred.image is None:
-        raise ValueError(f"{path}: predictions hold no image embedding; VD needs Ê_I (image tokens x {embed_dim})")
+    if pred.image is None and pred.text is None:
+        raise ValueError(f"{path}: predictions hold neither an image nor a text embedding")
     for name, value, tokens in (("image", pred.image, image_tokens), ("text", pred.text, text_tokens)):
         if value is None:
             continue
@@ -106,6 +109,9 @@ def reconstruct(pred_dir, out, options: ReconstructOptions | None = None, force:
     options = options or ReconstructOptions()
     pred_dir, out = Path(pred_dir), Path(out)
     pred = load_predictions(pred_dir)
+    if pred.image is None and options.samples > 1:
+        raise ValueError(f"{pred_dir}: best-of-N (samples={options.samples}) compares candidates with the predicted "
+                         "image embedding, and these text-only predictions have none; use samples=1")
     settings = {"options": asdict(options), "predictions": str(pred_dir.resolve()),
                 "predictions_manifest": pred.manifest.get("run"), "method": pred.method, "subject": pred.subject}
     manifest_file = out / "manifest.json"
@@ -127,8 +133,11 @@ def reconstruct(pred_dir, out, options: ReconstructOptions | None = None, force:
     extractor = None
     if needs_clip:
         towers = load_clip(options.clip, device=device)
-        last = towers.n_vision_layers  # VD's image condition is the last layer's tokens
-        extractor = ClipFeatureExtractor(towers, detail_layers=(last,), semantic_layer=last)
+        last = towers.n_vision_layers  # VD's unconditional image is the last layer's tokens of a grey image
+        layers = _target_layers(pred) if options.samples > 1 else {}
+        extractor = ClipFeatureExtractor(towers, detail_layers=layers.get("detail_layers", (last,)),
+                                         semantic_layer=layers.get("semantic_layer", last),
+                                         merge=layers.get("merge", "project-then-average"))
         if towers.embed_dim != generator.embed_dim:
             raise ValueError(f"CLIP {options.clip!r} embeds in {towers.embed_dim} dims but the generator "
                              f"expects {generator.embed_dim}")
@@ -138,7 +147,7 @@ def reconstruct(pred_dir, out, options: ReconstructOptions | None = None, force:
     if options.uncond == "clip":
         size = extractor.image_size
         grey = np.full((1, size, size, 3), 128, np.uint8)
-        uncond_image = extractor.encode_images(grey)["image_semantic"][0]
+        uncond_image = _last_layer_tokens(extractor, grey)[0]
         uncond_text = extractor.encode_texts([""])[0]
     size = options.size or generator.image_unet.config.sample_size * generator.vae_scale_factor
     previous_images = (json.loads(manifest_file.read_text()).get("images", {}) if manifest_file.exists() else {})
@@ -152,7 +161,8 @@ def reconstruct(pred_dir, out, options: ReconstructOptions | None = None, force:
     bar = tqdm(total=len(ids), initial=len(ids) - len(todo), desc="reconstruct", unit="img", disable=not progress)
     for b in range(0, len(todo), options.batch_size):
         rows = todo[b:b + options.batch_size]
-        image = torch.as_tensor(np.asarray(pred.image[rows], np.float32)).to(device, dtype)
+        image = torch.as_tensor(np.asarray(pred.image[rows], np.float32)).to(device, dtype) \
+            if pred.image is not None else None
         text = torch.as_tensor(np.asarray(pred.text[rows], np.float32)).to(device, dtype) if pred.text is not None \
             else None
         init = _init_images(options, ids[rows]) if options.init_dir else None
@@ -161,10 +171,12 @@ def reconstruct(pred_dir, out, options: ReconstructOptions | None = None, force:
             gens = [torch.Generator(device).manual_seed(image_seed(options.seed, ids[r], k)) for r in rows]
             candidates.append(generator.generate(
                 image, text, num_inference_steps=options.steps, guidance_scale=options.guidance_scale,
-                text_weight=options.text_weight if text is not None else 0.0, uncond_image=uncond_image,
+                text_weight=(options.text_weight if image is not None else 1.0) if text is not None else 0.0,
+                uncond_image=uncond_image,
                 uncond_text=uncond_text if text is not None else None, generator=gens, init_images=init,
                 strength=options.strength, height=size, width=size))
-        chosen, scores = _choose(candidates, pred.image[rows], extractor)
+        chosen, scores = _choose(candidates, pred.image[rows] if pred.image is not None else None, extractor,
+                                 _branches(pred))
         for j, r in enumerate(rows):
             pixels = candidates[chosen[j]][j]
             with atomic_path(out / _png_name(ids[r])) as tmp:
@@ -197,17 +209,61 @@ def _init_images(options: ReconstructOptions, ids) -> np.ndarray:
     return np.stack(images)
 
 
-def _choose(candidates: list[np.ndarray], predicted_image, extractor) -> tuple[np.ndarray, np.ndarray]:
-    """Index of the best candidate per row (CLS cosine to the predicted Ê_I), and all scores."""
+def _run_of(pred) -> dict:
+    run_dir = pred.manifest.get("run")
+    run_file = Path(run_dir) / "run.json" if run_dir else None
+    return json.loads(run_file.read_text()) if run_file and run_file.is_file() else {}
+
+
+def _target_layers(pred) -> dict:
+    """The CLIP layers and merge of the feature store the predictions' decoder was trained on."""
+    features = _run_of(pred).get("features")
+    manifest = Path(features) / "manifest.json" if features else None
+    if manifest is None or not manifest.is_file():
+        raise FileNotFoundError(f"best-of-N embeds candidates like the decoder's targets, but the feature store "
+                                f"behind the run {pred.manifest.get('run')!r} is not available ({features!r})")
+    extractor = json.loads(manifest.read_text()).get("settings", {}).get("extractor", {})
+    missing = {"detail_layers", "semantic_layer", "merge"} - set(extractor)
+    if missing:
+        raise ValueError(f"{manifest}: no extractor settings {sorted(missing)}; not a feature store manifest")
+    return {k: extractor[k] for k in ("detail_layers", "semantic_layer", "merge")}
+
+
+def _branches(pred) -> tuple[str, ...]:
+    """Which image targets the decoder learned as Ê_I: both paths (fused) unless its model had only one."""
+    branches = _run_of(pred).get("model_config", {}).get("branches")
+    return tuple(branches) if branches else ("image_semantic", "image_detail")
+
+
+def _last_layer_tokens(extractor, images: np.ndarray) -> torch.Tensor:
+    """Projected last-layer tokens (VD's image condition) whatever layers the extractor was built for."""
+    if extractor.semantic_layer == extractor.towers.n_vision_layers:
+        return extractor.encode_images(images)["image_semantic"]
+    from brainmclip.features.clip_extractor import ClipFeatureExtractor
+
+    last = extractor.towers.n_vision_layers
+    return ClipFeatureExtractor(extractor.towers, (last,), last).encode_images(images)["image_semantic"]
+
+
+def _choose(candidates: list[np.ndarray], predicted_image, extractor, branches=("image_semantic", "image_detail")
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Index of the best candidate per row, and all scores.
+
+    Score: cosine, over the whole flattened token stack, between the predicted Ê_I and the
+    candidate's own embedding in the same space (the fused or single-path target the decoder
+    learned), as retrieval compares them.
+    """
+    from brainmclip.models.brain_mclip import image_target
+
     n = len(candidates[0])
     if len(candidates) == 1:
         return np.zeros(n, int), np.full((n, 1), np.nan)
-    target = torch.as_tensor(np.asarray(predicted_image[:, 0], np.float32))
+    target = torch.as_tensor(np.asarray(predicted_image, np.float32)).reshape(n, -1)
     target = target / target.norm(dim=-1, keepdim=True)
     scores = np.empty((n, len(candidates)))
     for k, images in enumerate(candidates):
-        cls = extractor.encode_images(images)["image_semantic"][:, 0]
-        scores[:, k] = (cls / cls.norm(dim=-1, keepdim=True) * target).sum(-1).numpy()
+        emb = image_target(branches, extractor.encode_images(images)).float().reshape(n, -1)
+        scores[:, k] = (emb / emb.norm(dim=-1, keepdim=True) * target).sum(-1).numpy()
     return scores.argmax(1), scores
 
 

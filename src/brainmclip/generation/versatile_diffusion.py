@@ -162,17 +162,25 @@ class VersatileDiffusionGenerator:
                      init_images, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Checked tensors; token counts are free (they follow the CLIP the embeddings come from) but must agree."""
         d = self.embed_dim
-        image = _as_tensor(image_embeds, "image_embeds")
-        if image.ndim != 3 or image.shape[-1] != d or image.shape[1] < 1:
-            raise ValueError(f"image_embeds: shape {tuple(image.shape)}; expected (n, image tokens, {d})")
-        n, image_tokens = image.shape[:2]
-        text = None
+        image = text = None
+        if image_embeds is not None:
+            image = _as_tensor(image_embeds, "image_embeds")
+            if image.ndim != 3 or image.shape[-1] != d or image.shape[1] < 1:
+                raise ValueError(f"image_embeds: shape {tuple(image.shape)}; expected (n, image tokens, {d})")
+        elif text_embeds is None:
+            raise ValueError("image_embeds and text_embeds are both None; VD needs at least one condition")
+        elif text_weight != 1:
+            raise ValueError(f"image_embeds is None but text_weight={text_weight}; a text-only condition needs "
+                             "text_weight=1")
         if text_embeds is not None:
             text = _as_tensor(text_embeds, "text_embeds")
-            if text.ndim != 3 or text.shape[0] != n or text.shape[-1] != d or text.shape[1] < 1:
-                raise ValueError(f"text_embeds: shape {tuple(text.shape)}; expected ({n}, text tokens, {d})")
+            n_want = image.shape[0] if image is not None else text.shape[0]
+            if text.ndim != 3 or text.shape[0] != n_want or text.shape[-1] != d or text.shape[1] < 1:
+                raise ValueError(f"text_embeds: shape {tuple(text.shape)}; expected ({n_want}, text tokens, {d})")
         elif text_weight != 0:
             raise ValueError(f"text_embeds is None but text_weight={text_weight}; pass text embeddings or text_weight=0")
+        n = image.shape[0] if image is not None else text.shape[0]
+        image_tokens = image.shape[1] if image is not None else None
         if not 0.0 <= text_weight <= 1.0:
             raise ValueError(f"text_weight={text_weight}; expected a share in [0, 1]")
         if init_images is not None and not 0.0 < strength <= 1.0:
@@ -206,15 +214,15 @@ class VersatileDiffusionGenerator:
             block.transformer_index_for_condition = [1, 0]  # text -> text UNet's block, image -> image UNet's block
             block.mix_ratio = text_weight if isinstance(text_weight, torch.Tensor) else float(text_weight)
 
-    def encode_condition(self, image: torch.Tensor, text: torch.Tensor | None, uncond_image, uncond_text,
+    def encode_condition(self, image: torch.Tensor | None, text: torch.Tensor | None, uncond_image, uncond_text,
                          do_cfg: bool) -> torch.Tensor:
         """(n, T_text + T_image, D) dual condition, preceded by the unconditional one under classifier-free guidance.
 
         Unconditional embeddings default to zeros; VD's own are CLIP embeddings of "" and of a mid-grey image, which
-        the caller supplies (they need the real CLIP encoders). Without text embeddings the text slot holds the
-        unconditional text (one zero token when there is none either); it is then weighted 0 by ``set_mix``.
+        the caller supplies (they need the real CLIP encoders). A missing condition's slot holds its unconditional
+        embedding (one zero token when there is none either); ``set_mix`` then weights that slot 0.
         """
-        n, d = image.shape[0], self.embed_dim
+        n, d = (image if image is not None else text).shape[0], self.embed_dim
         kw = {"device": self.device, "dtype": self.dtype}
 
         def uncond(value, tokens):
@@ -227,9 +235,15 @@ class VersatileDiffusionGenerator:
             text_tokens = text.shape[1]
         else:
             text_tokens = _as_tensor(uncond_text, "uncond_text").reshape(-1, d).shape[0] if uncond_text is not None else 1
-        u_text, u_image = uncond(uncond_text, text_tokens), uncond(uncond_image, image.shape[1])
+        if image is not None:
+            image_tokens = image.shape[1]
+        else:
+            image_tokens = _as_tensor(uncond_image, "uncond_image").reshape(-1, d).shape[0] \
+                if uncond_image is not None else 1
+        u_text, u_image = uncond(uncond_text, text_tokens), uncond(uncond_image, image_tokens)
         c_text = u_text if text is None else text.to(**kw)  # image-only predictions: ignored at text_weight=0
-        cond = torch.cat([c_text, image.to(**kw)], dim=1)
+        c_image = u_image if image is None else image.to(**kw)  # text-only predictions: ignored at text_weight=1
+        cond = torch.cat([c_text, c_image], dim=1)
         return torch.cat([torch.cat([u_text, u_image], dim=1), cond]) if do_cfg else cond
 
     def prepare_timesteps(self, num_inference_steps: int, strength: float, img2img: bool) -> torch.Tensor:
@@ -303,12 +317,13 @@ class VersatileDiffusionGenerator:
         # 1. Check inputs
         image, text = self.check_inputs(image_embeds, text_embeds, text_weight, strength, height, width,
                                         uncond_image, uncond_text, init_images, generator)
-        n = image.shape[0]
+        n = (image if image is not None else text).shape[0]
         do_cfg = guidance_scale > 1.0
 
         # 2. Encode the dual condition (with the unconditional one for classifier-free guidance)
         condition = self.encode_condition(image, text, uncond_image, uncond_text, do_cfg)
-        self.set_mix(text_weight, condition.shape[1] - image.shape[1], image.shape[1])
+        text_tokens = text.shape[1] if text is not None else condition.shape[1] - image.shape[1]
+        self.set_mix(text_weight, text_tokens, condition.shape[1] - text_tokens)
 
         # 3. Prepare timesteps and latents (pure noise, or noised VAE latents of init_images)
         timesteps = self.prepare_timesteps(num_inference_steps, strength, init_images is not None)
