@@ -26,6 +26,18 @@ def no_network(monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def restore_root_logging():
+    """``main()`` points the root logger at the stderr pytest captures for that test; put it back after."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def tiny_nsd(tmp_path_factory):
     """The tiny preset for subjects 1 and 2, all sessions (shared read-only by tests)."""

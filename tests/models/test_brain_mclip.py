@@ -63,6 +63,23 @@ def test_heads_start_at_the_target_mean(head_rank):
         model.text_head.start_at(torch.zeros(76, 8))
 
 
+@pytest.mark.parametrize("branches,own", [(["text", "image_semantic"], "image_semantic"),
+                                          (["text", "image_detail"], "image_detail")])
+def test_single_path_ablations_start_at_their_own_target(branches, own):
+    model = _model({"model": {"branches": branches, "dropout": 0.0}})
+    g = torch.Generator().manual_seed(1)
+    means = {"text": torch.randn(77, 8, generator=g), "image_semantic": torch.randn(257, 8, generator=g),
+             "image_detail": 5 + torch.randn(257, 8, generator=g)}
+    model.start_at_mean(means)
+    b = _batch(seed=2)
+    out = model(b["semantic"], b["detail"])
+    torch.testing.assert_close(out.image, means[own].expand(6, 257, 8))
+    # The objective judges the path against the same target: at the target itself the image MSE is 0.
+    b[own] = out.image.detach().clone()
+    _, parts = brain_mclip_objective(out, b, b["semantic"], b["detail"], ObjectiveConfig())
+    assert parts["image/mse"] == pytest.approx(0.0, abs=1e-12)
+
+
 @pytest.mark.parametrize("ablation", ABLATIONS)
 def test_each_ablation_is_one_switch_that_builds_and_learns(ablation):
     cfg = load_config(["brain_mclip_tiny", ablation])

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from brainmclip import __version__
-from brainmclip.atomic import atomic_path, read_manifest, write_json_atomic
+from brainmclip.atomic import atomic_path, read_manifest, write_bytes_atomic
 
 __all__ = ["ANALYSIS_FORMAT", "ANALYSIS_FILE", "save_figure", "write_analysis", "load_analysis", "find_analyses"]
 
@@ -43,10 +43,11 @@ def write_analysis(out: str | Path, name: str, title: str, caption: str, table: 
     if not (out / figure).is_file():
         raise FileNotFoundError(f"{out / figure}: write the figure before the analysis summary")
     rows = [dict(row) for row in table]
-    write_json_atomic(out / ANALYSIS_FILE, json.loads(json.dumps({
-        "format": ANALYSIS_FORMAT, "analysis": name, "title": title, "caption": caption, "figure": figure,
-        "table": rows, "settings": dict(settings or {}), "complete": True, "code_version": __version__},
-        default=_plain)))
+    # Not sorted: the table's columns keep the order the analysis gave them, which the report shows.
+    text = json.dumps({"format": ANALYSIS_FORMAT, "analysis": name, "title": title, "caption": caption,
+                       "figure": figure, "table": rows, "settings": dict(settings or {}), "complete": True,
+                       "code_version": __version__}, indent=2, default=_plain)
+    write_bytes_atomic(out / ANALYSIS_FILE, (text + "\n").encode())
     return out / ANALYSIS_FILE
 
 

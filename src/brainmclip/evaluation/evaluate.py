@@ -101,15 +101,21 @@ def _retrieval(pred_dir: Path, features: Path | None, n_way: int, seed: int) -> 
 
 def evaluate_reconstructions(recon_dirs, out, protocol=None, clip_model: str = "openai/clip-vit-large-patch14",
                              weights_dir=None, allow_random: bool = False, n_boot: int = 1000, seed: int = 0,
-                             batch_size: int = 32) -> dict:
-    """Evaluate reconstruction folders; write metrics.json, metrics.csv, metrics.md and per_image.npz to ``out``."""
+                             batch_size: int = 32, networks=None, truth_cache: dict | None = None) -> dict:
+    """Evaluate reconstruction folders; write metrics.json, metrics.csv, metrics.md and per_image.npz to ``out``.
+
+    ``networks`` (from :func:`~brainmclip.evaluation.image_metrics.load_metric_networks`) and
+    ``truth_cache`` (a dict this call fills) let a caller that evaluates many folders against the
+    same test images load the metric networks and embed the true images once.
+    """
     from brainmclip.evaluation.image_metrics import METRICS, MetricProtocol, evaluate_images, load_metric_networks
 
     start = time.perf_counter()
     protocol = protocol or MetricProtocol()
     out = Path(out)
     entries, per_image_all = [], {}
-    networks, truth_cache, checker = None, {}, None
+    truth_cache = {} if truth_cache is None else truth_cache
+    checker = None
     for recon_dir in recon_dirs:
         recon = load_reconstructions(recon_dir)
         pred_manifest, run, pred_dir = _run_info(recon)
@@ -239,7 +245,6 @@ def make_report(eval_dir, out, title: str = "brainmclip reconstructions", debug_
     folders of them); each gets a section of the report.
     """
     from brainmclip.analysis.common import find_analyses
-
     from brainmclip.evaluation.report import read_tensorboard_scalars, write_report
 
     eval_dir = Path(eval_dir)

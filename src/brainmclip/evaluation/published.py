@@ -7,7 +7,7 @@ are shown for orientation, not as a like-for-like comparison.
 
 from __future__ import annotations
 
-__all__ = ["METRIC_NAMES", "LOWER_IS_BETTER", "PUBLISHED"]
+__all__ = ["METRIC_NAMES", "LOWER_IS_BETTER", "PUBLISHED", "PUBLISHED_ABLATIONS"]
 
 METRIC_NAMES = ("PixCorr", "SSIM", "AlexNet(2)", "AlexNet(5)", "InceptionV3", "CLIP", "EffNet-B", "SwAV")
 LOWER_IS_BETTER = ("EffNet-B", "SwAV")
@@ -27,3 +27,22 @@ PUBLISHED = [
     _row("MindDiffuser", (.256, .344, .852, .843, .784, .791, .884, .551), None, ""),
     _row("MindDiffuser + MindEye", (.278, .370, .955, .983, .945, .951, .706, .468), None, ""),
 ]
+
+
+#: BrainMCLIP's ablation tables (mean of subjects 1, 2, 5, 7), by table and row key.
+PUBLISHED_ABLATIONS = {
+    3: {
+        "text_only": (.065, .107, .5967, .7356, .7841, .7846, .858, .555),
+        "text_image_semantic": (.088, .211, .7416, .8721, .9003, .9038, .725, .452),
+        "text_image_detail": (.166, .259, .8664, .9380, .9291, .9395, .668, .386),
+        "no_cross_reconstruction": (.204, .257, .9090, .9655, .9403, .9393, .654, .363),
+        "full": (.212, .263, .918, .970, .946, .952, .643, .354),
+    },
+    4: {
+        "loss_mse_infonce": (.205, .239, .9010, .9657, .9306, .9327, .669, .371),
+        "loss_mse_softclip": (.201, .238, .8984, .9663, .9312, .9311, .657, .374),
+        "loss_mse_sims": (.197, .214, .8968, .9582, .9223, .9222, .693, .370),
+        "loss_mse_cka": (.200, .233, .8906, .9599, .9311, .9307, .676, .376),
+        "full": (.212, .263, .918, .970, .946, .952, .643, .354),
+    },
+}

@@ -17,10 +17,11 @@ import torch
 from torch import Tensor
 
 from brainmclip.config import check_keys
-from brainmclip.losses.multi_granularity import LossWeights, multi_granularity_loss
+from brainmclip.losses.multi_granularity import LossWeights, multi_granularity_terms
 from brainmclip.losses.reconstruction import mse
+from brainmclip.models.brain_mclip import image_target
 
-__all__ = ["ObjectiveConfig", "brain_mclip_objective"]
+__all__ = ["ObjectiveConfig", "objective_terms", "brain_mclip_objective"]
 
 
 @dataclass
@@ -44,9 +45,36 @@ class ObjectiveConfig:
         return cls(**d)
 
 
+def objective_terms(output, targets: dict[str, Tensor], semantic: Tensor, detail: Tensor,
+                    config: ObjectiveConfig) -> dict[str, tuple[float, Tensor]]:
+    """Every term of the objective as ``name -> (weight, unweighted differentiable value)``.
+
+    Names: ``text/<term>`` and ``image/<term>`` (terms of L_MG), ``image/parts_mse`` and
+    ``reconstruction/<name>``. The total loss is the weighted sum.
+    """
+    terms: dict[str, tuple[float, Tensor]] = {}
+    if output.text is not None:
+        for name, value in multi_granularity_terms(targets["text"], output.text, config.text).items():
+            terms[f"text/{name}"] = (getattr(config.text, name), value)
+    if output.image is not None:
+        branches = [name for name in ("image_semantic", "image_detail") if getattr(output, name) is not None]
+        if len(branches) == 2 and config.image_parts > 0:
+            part_loss = mse(targets["image_semantic"], output.image_semantic) + \
+                mse(targets["image_detail"], output.image_detail)
+            terms["image/parts_mse"] = (config.image_parts, part_loss)
+        fused = image_target(branches, targets)
+        for name, value in multi_granularity_terms(fused, output.image, config.image).items():
+            terms[f"image/{name}"] = (getattr(config.image, name), value)
+    inputs = {"semantic": semantic, "detail": detail}
+    if config.reconstruction > 0:
+        for name, (prediction, which) in output.reconstructions.items():
+            terms[f"reconstruction/{name}"] = (config.reconstruction, mse(inputs[which], prediction))
+    return terms
+
+
 def brain_mclip_objective(output, targets: dict[str, Tensor], semantic: Tensor, detail: Tensor,
                           config: ObjectiveConfig) -> tuple[Tensor, dict[str, float]]:
-    """Total loss and its parts (floats, for logging).
+    """Total loss and its parts (unweighted floats, for logging).
 
     Parameters
     ----------
@@ -56,29 +84,10 @@ def brain_mclip_objective(output, targets: dict[str, Tensor], semantic: Tensor, 
     semantic, detail : Tensor
         The model's inputs F_S and F_D, targets of the fMRI reconstructions.
     """
-    parts: dict[str, float] = {}
     total = torch.zeros((), device=semantic.device)
-    if output.text is not None:
-        loss, terms = multi_granularity_loss(targets["text"], output.text, config.text)
-        total = total + loss
-        parts.update({f"text/{k}": float(v) for k, v in terms.items()})
-    if output.image is not None:
-        if output.image_semantic is not None and output.image_detail is not None:
-            fused = (targets["image_semantic"] + targets["image_detail"]) / 2
-            part_loss = mse(targets["image_semantic"], output.image_semantic) + \
-                mse(targets["image_detail"], output.image_detail)
-            total = total + config.image_parts * part_loss
-            parts["image/parts_mse"] = float(part_loss.detach())
-        else:
-            # Single-path ablations learn the one CLIP embedding their path stands for.
-            fused = targets["image_semantic"] if output.image_semantic is not None else targets["image_detail"]
-        loss, terms = multi_granularity_loss(fused, output.image, config.image)
-        total = total + loss
-        parts.update({f"image/{k}": float(v) for k, v in terms.items()})
-    inputs = {"semantic": semantic, "detail": detail}
-    for name, (prediction, which) in output.reconstructions.items():
-        loss = mse(inputs[which], prediction)
-        total = total + config.reconstruction * loss
-        parts[f"reconstruction/{name}"] = float(loss.detach())
+    parts: dict[str, float] = {}
+    for name, (weight, value) in objective_terms(output, targets, semantic, detail, config).items():
+        total = total + weight * value
+        parts[name] = float(value.detach())
     parts["total"] = float(total.detach())
     return total, parts

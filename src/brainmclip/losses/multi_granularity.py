@@ -17,7 +17,7 @@ from brainmclip.losses.contrastive import info_nce, soft_clip
 from brainmclip.losses.reconstruction import mse
 from brainmclip.losses.sims import sims_loss
 
-__all__ = ["LossWeights", "LOSS_TERMS", "multi_granularity_loss"]
+__all__ = ["LossWeights", "LOSS_TERMS", "multi_granularity_terms", "multi_granularity_loss"]
 
 # Names of the terms, in the order they are added; also the keys of the parts dictionary.
 LOSS_TERMS = ("mse", "cka", "sims", "infonce", "softclip")
@@ -59,6 +59,28 @@ class LossWeights:
         return tuple(name for name in LOSS_TERMS if getattr(self, name) > 0)
 
 
+def multi_granularity_terms(target: torch.Tensor, pred: torch.Tensor,
+                            weights: LossWeights | None = None) -> dict[str, torch.Tensor]:
+    """The unweighted, differentiable value of every term with a positive weight (keys from :data:`LOSS_TERMS`).
+
+    ``terms["cka"]`` is the loss ``1 - CKA``. Shapes as in :func:`multi_granularity_loss`.
+    """
+    if target.shape != pred.shape:
+        raise ValueError(f"target {tuple(target.shape)} and prediction {tuple(pred.shape)} differ in shape")
+    weights = LossWeights() if weights is None else weights
+    active = weights.active()
+    if not active:
+        raise ValueError("every loss weight is 0; nothing to optimise")
+    terms = {
+        "mse": lambda: mse(pred, target),
+        "cka": lambda: cka_loss(target, pred, token_level=weights.token_level_cka),
+        "sims": lambda: sims_loss(target, pred),
+        "infonce": lambda: info_nce(pred, target, weights.temperature),
+        "softclip": lambda: soft_clip(pred, target, weights.temperature),
+    }
+    return {name: terms[name]() for name in active}
+
+
 def multi_granularity_loss(target: torch.Tensor, pred: torch.Tensor,
                            weights: LossWeights | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum ``mse*MSE + cka*(1 - CKA) + sims*L_Sims + infonce*InfoNCE + softclip*SoftCLIP``.
@@ -80,23 +102,9 @@ def multi_granularity_loss(target: torch.Tensor, pred: torch.Tensor,
         For each computed term (key from :data:`LOSS_TERMS`), its unweighted value as a detached
         0-d float tensor; ``parts["cka"]`` is the loss ``1 - CKA``.
     """
-    if target.shape != pred.shape:
-        raise ValueError(f"target {tuple(target.shape)} and prediction {tuple(pred.shape)} differ in shape")
     weights = LossWeights() if weights is None else weights
-    active = weights.active()
-    if not active:
-        raise ValueError("every loss weight is 0; nothing to optimise")
-    terms = {
-        "mse": lambda: mse(pred, target),
-        "cka": lambda: cka_loss(target, pred, token_level=weights.token_level_cka),
-        "sims": lambda: sims_loss(target, pred),
-        "infonce": lambda: info_nce(pred, target, weights.temperature),
-        "softclip": lambda: soft_clip(pred, target, weights.temperature),
-    }
+    terms = multi_granularity_terms(target, pred, weights)
     total = pred.new_zeros(())
-    parts: dict[str, torch.Tensor] = {}
-    for name in active:
-        value = terms[name]()
+    for name, value in terms.items():
         total = total + getattr(weights, name) * value
-        parts[name] = value.detach().float()
-    return total, parts
+    return total, {name: value.detach().float() for name, value in terms.items()}

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from brainmclip.config import check_keys
 from brainmclip.models.layers import EncoderBlock, ResidualMlpBlock, TokenHead, count_parameters
 
-__all__ = ["BrainMCLIPConfig", "BrainMCLIP", "BrainMCLIPOutput", "BRANCHES"]
+__all__ = ["BrainMCLIPConfig", "BrainMCLIP", "BrainMCLIPOutput", "BRANCHES", "image_target"]
 
 # Which branches a model has: the paper's Table 3 ablations are these switches.
 BRANCHES = ("text", "image_semantic", "image_detail")
@@ -83,6 +83,21 @@ class BrainMCLIPConfig:
     @classmethod
     def from_dict(cls, d: dict) -> BrainMCLIPConfig:
         return cls(**check_keys(cls, d, "BrainMCLIP"))
+
+
+def image_target(branches, targets: dict):
+    """The CLIP image embedding a model with these branches predicts as Ê_I.
+
+    Both image paths: E_I = (e_I,S + e_I,D) / 2. A single-path ablation learns, and is judged
+    against, the one embedding its path stands for. None for a text-only model. Works on
+    tensors and arrays alike.
+    """
+    semantic, detail = "image_semantic" in branches, "image_detail" in branches
+    if semantic and detail:
+        return (targets["image_semantic"] + targets["image_detail"]) / 2
+    if semantic:
+        return targets["image_semantic"]
+    return targets["image_detail"] if detail else None
 
 
 @dataclass
@@ -163,12 +178,13 @@ class BrainMCLIP(nn.Module):
     def start_at_mean(self, means: dict[str, Tensor]) -> None:
         """Start each output head at the mean target (``text``; ``image_semantic`` and ``image_detail``).
 
-        The shared image head predicts both image parts, so it starts at their average, E_I's mean.
+        The shared image head predicts both image parts, so with both paths it starts at their
+        average, E_I's mean; a single-path model starts at the mean of its own path's target.
         """
         if "text" in self.config.branches:
             self.text_head.start_at(means["text"])
         if self.config.has_image:
-            self.image_head.start_at((means["image_semantic"] + means["image_detail"]) / 2)
+            self.image_head.start_at(image_target(self.config.branches, means))
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per top-level module and in total."""

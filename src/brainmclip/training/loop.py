@@ -1,8 +1,9 @@
-"""Training BrainMCLIP: AdamW + OneCycle, accelerate (multi-GPU, bf16 on GPU), resumable.
+"""Training BrainMCLIP: AdamW, warm-up + plateau schedule, accelerate (multi-GPU, bf16 on GPU), resumable.
 
 Reads top to bottom: build data and model, then for each epoch a seeded permutation of the
 training rows is cut into batches; every optimizer step may end in a checkpoint; each epoch
-ends with a validation pass that keeps the best model. A run killed at any point restarts
+ends with a validation pass that keeps the best model and stops the run once validation has
+not improved for ``patience`` epochs (``epochs`` is only a cap). A run killed at any point restarts
 from its last checkpoint and reaches the same weights an uninterrupted run reaches, because
 the data order depends on (seed, epoch) only and the RNG state travels in the checkpoint.
 """
@@ -27,10 +28,12 @@ from brainmclip.data.prepared import load_prepared
 from brainmclip.evaluation.retrieval import similarity_matrix, top1_n_way
 from brainmclip.features.feature_store import open_feature_store
 from brainmclip.losses.brain_mclip_objective import ObjectiveConfig, brain_mclip_objective
-from brainmclip.models.brain_mclip import BrainMCLIP, BrainMCLIPConfig
+from brainmclip.models.brain_mclip import BrainMCLIP, BrainMCLIPConfig, image_target
+from brainmclip.training.balance import gradient_norms
 from brainmclip.training.checkpoint import identity_of, load_checkpoint, save_checkpoint
 from brainmclip.training.cpu_memory import keep_freed_memory
 from brainmclip.training.data import PairedSplit
+from brainmclip.training.schedule import make_schedule
 
 __all__ = ["RUN_FILE", "TrainConfig", "TrainResult", "build_model", "load_best_model", "train_brain_mclip"]
 
@@ -42,11 +45,17 @@ RUN_FILE = "run.json"
 class TrainConfig:
     """Optimisation settings (saved with every checkpoint).
 
-    ``max_steps`` > 0 caps the optimizer steps (for quick runs); ``checkpoint_every`` is in
-    optimizer steps; ``patience`` epochs without a better validation loss stop the run.
+    ``epochs`` and ``max_steps`` (> 0) cap the run; ``patience`` epochs without a better
+    validation ``select_on`` stop it. ``select_on``: 'score' (the mean over the model's outputs,
+    image and/or text, of validation 2-way identification against their own targets) or 'loss'.
+    ``schedule``: 'plateau' (warm-up over ``warmup_epochs``, then ``max_lr`` times ``lr_factor``
+    after each ``plateau_epochs`` epochs without improvement) or 'onecycle' (over the cap, with
+    ``pct_start``). ``mixed_precision``: 'bf16' autocasts on GPU only (bf16 matmuls are slow on
+    most CPUs), 'bf16-always' also on CPU (to check bf16 numerics without a GPU), 'no' never.
+    ``checkpoint_every`` is in optimizer steps.
     """
 
-    epochs: int = 30
+    epochs: int = 100
     batch_size: int = 32
     max_lr: float = 3e-4
     weight_decay: float = 0.01
@@ -58,6 +67,18 @@ class TrainConfig:
     checkpoint_every: int = 200
     log_every: int = 20
     max_steps: int = 0
+    select_on: str = "score"
+    schedule: str = "plateau"
+    warmup_epochs: float = 1.0
+    lr_factor: float = 0.3
+    plateau_epochs: int = 3
+
+    def __post_init__(self):
+        if self.select_on not in ("score", "loss"):
+            raise ValueError(f"Unknown train.select_on={self.select_on!r}; choose 'score' or 'loss'")
+        if self.mixed_precision not in ("bf16", "bf16-always", "no"):
+            raise ValueError(f"Unknown train.mixed_precision={self.mixed_precision!r}; choose 'bf16', "
+                             "'bf16-always' or 'no'")
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -73,10 +94,13 @@ class TrainResult:
     finished: bool
     val_retrieval: float
     parameters: dict[str, int]
+    val_score: float = float("nan")
+    val_metrics: dict | None = None
 
     def summary(self) -> str:
-        return (f"BrainMCLIP run at {self.run_dir}: {self.steps} steps, best val loss {self.best_val_loss:.4f} "
-                f"(epoch {self.best_epoch}), val image retrieval top-1 {self.val_retrieval:.3f}, "
+        return (f"BrainMCLIP run at {self.run_dir}: {self.steps} steps, best epoch {self.best_epoch} "
+                f"(val loss {self.best_val_loss:.4f}, val 2-way {self.val_score:.3f}, "
+                f"image retrieval top-1 {self.val_retrieval:.3f}), "
                 f"{self.parameters['total'] / 1e6:.1f}M parameters" + ("" if self.finished else " (stopped early; "
                                                                       "rerun with --resume to continue)"))
 
@@ -109,10 +133,26 @@ def _batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: i
     return [perm[s:s + step][rank::world] for s in starts]
 
 
+def two_way_identification(similarity: np.ndarray) -> float:
+    """Mean over rows i of the share of j != i with ``S[i, i] > S[i, j]`` (ties count half); chance 0.5.
+
+    A smooth validation score: unlike top-1 it moves with every pair that changes order.
+    """
+    s = np.asarray(similarity, np.float64)
+    n = len(s)
+    diag = np.diag(s)[:, None]
+    wins = (diag > s).sum(1) + 0.5 * ((diag == s).sum(1) - 1)
+    return float(wins.mean() / (n - 1))
+
+
 @torch.no_grad()
 def _validate(model, split: PairedSplit, loss_cfg: ObjectiveConfig, device, batch_size: int = 64):
+    """Validation loss and, per output the model has ('image', 'text'), 2-way identification and top-1."""
     model.eval()
-    total, n, images, targets = 0.0, 0, [], []
+    core = getattr(model, "module", model)
+    total, n = 0.0, 0
+    preds: dict[str, list] = {"image": [], "text": []}
+    targets: dict[str, list] = {"image": [], "text": []}
     for start in range(0, len(split), batch_size):
         rows = np.arange(start, min(start + batch_size, len(split)))
         if len(rows) < 2:
@@ -123,14 +163,21 @@ def _validate(model, split: PairedSplit, loss_cfg: ObjectiveConfig, device, batc
         total += float(loss) * len(rows)
         n += len(rows)
         if out.image is not None:
-            images.append(out.image.float().cpu())
-            targets.append(((batch["image_semantic"] + batch["image_detail"]) / 2).cpu())
+            preds["image"].append(out.image.float().cpu())
+            targets["image"].append(image_target(core.config.branches, batch).float().cpu())
+        if out.text is not None:
+            preds["text"].append(out.text.float().cpu())
+            targets["text"].append(batch["text"].float().cpu())
     model.train()
-    retrieval = float("nan")
-    if images:
-        sim = similarity_matrix(torch.cat(images).numpy(), torch.cat(targets).numpy())
-        retrieval = top1_n_way(sim, n_way=min(300, len(sim)), n_repeats=5, seed=0)["image_retrieval"]["mean"]
-    return total / max(n, 1), retrieval
+    metrics = {}
+    for kind in ("image", "text"):
+        if preds[kind]:
+            sim = similarity_matrix(torch.cat(preds[kind]).numpy(), torch.cat(targets[kind]).numpy())
+            metrics[f"{kind}_two_way"] = two_way_identification(sim)
+            metrics[f"{kind}_top1"] = top1_n_way(sim, n_way=min(300, len(sim)), n_repeats=5,
+                                                 seed=0)["image_retrieval"]["mean"]
+    metrics["score"] = float(np.mean([metrics[f"{k}_two_way"] for k in ("image", "text") if f"{k}_two_way" in metrics]))
+    return total / max(n, 1), metrics
 
 
 def train_brain_mclip(data, features, config: dict | str | list[str], out, resume: bool = False,
@@ -180,8 +227,9 @@ def _train(data, features, config, out, resume, overrides, stop_after_steps, cpu
     val_split = PairedSplit(prepared, "val", store, data_cfg.get("semantic_group", "semantic"),
                             data_cfg.get("detail_group", "detail"))
 
-    # bf16 autocast on GPU only: bf16 matmuls are very slow on these CPUs.
-    use_bf16 = train_cfg.mixed_precision == "bf16" and torch.cuda.is_available() and not cpu
+    # bf16 autocast on GPU only unless asked for everywhere: bf16 matmuls are very slow on most CPUs.
+    on_gpu = torch.cuda.is_available() and not cpu
+    use_bf16 = train_cfg.mixed_precision == "bf16-always" or (train_cfg.mixed_precision == "bf16" and on_gpu)
     accelerator = Accelerator(cpu=cpu, mixed_precision="bf16" if use_bf16 else "no")
     torch.manual_seed(train_cfg.seed)
     model = build_model(cfg.get("model", {}), prepared, store.manifest["settings"], data_cfg)
@@ -195,10 +243,9 @@ def _train(data, features, config, out, resume, overrides, stop_after_steps, cpu
     total_steps = steps_per_epoch * train_cfg.epochs
     if train_cfg.max_steps:
         total_steps = min(total_steps, train_cfg.max_steps)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train_cfg.max_lr, total_steps=total_steps,
-                                                    pct_start=train_cfg.pct_start)
-    progress_state = {"epoch": 0, "batch": 0, "step": 0, "best_val": math.inf, "best_epoch": -1,
-                      "bad_epochs": 0, "val_retrieval": float("nan"), "finished": False}
+    scheduler = make_schedule(train_cfg, optimizer, total_steps, steps_per_epoch)
+    progress_state = {"epoch": 0, "batch": 0, "step": 0, "best_val": math.inf, "best_score": -math.inf,
+                      "best_epoch": -1, "bad_epochs": 0, "val_retrieval": float("nan"), "finished": False}
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -270,21 +317,30 @@ def _train(data, features, config, out, resume, overrides, stop_after_steps, cpu
                     log.info("stopped after %d steps as asked; resume with --resume", steps_this_call)
                     _close(writer, handler)
                 return _result(out, p, accelerator.unwrap_model(model))
-        # End of epoch: validate, keep the best, stop when it no longer improves.
-        val_loss, val_retrieval = _validate(model, val_split, loss_cfg, device)
+        # End of epoch: validate, keep the best, lower the rate on a plateau, stop when it no longer improves.
+        val_loss, val = _validate(model, val_split, loss_cfg, device)
         if main:
             writer.add_scalar("val/loss", val_loss, p["step"])
-            writer.add_scalar("val/image_retrieval_top1", val_retrieval, p["step"])
-            log.info("epoch %d: val loss %.4f, val image retrieval top-1 %.3f", p["epoch"], val_loss, val_retrieval)
-        if val_loss < p["best_val"]:
-            p.update(best_val=val_loss, best_epoch=p["epoch"], bad_epochs=0, val_retrieval=val_retrieval)
+            for key, value in val.items():
+                writer.add_scalar(f"val/{key}", value, p["step"])
+            log.info("epoch %d: val loss %.4f, %s", p["epoch"], val_loss,
+                     ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
+        if p["epoch"] == 0 and main:
+            _log_gradient_shares(accelerator.unwrap_model(model), val_split, loss_cfg, device, out)
+        improved = (val["score"] > p["best_score"]) if train_cfg.select_on == "score" else (val_loss < p["best_val"])
+        if improved:
+            p.update(best_val=val_loss, best_score=val["score"], best_epoch=p["epoch"], bad_epochs=0,
+                     val_retrieval=val.get("image_top1", val.get("text_top1", float("nan"))), best_metrics=dict(val))
             if main:
                 _save_best(out, accelerator.unwrap_model(model), cfg)
         else:
             p["bad_epochs"] += 1
             if p["bad_epochs"] >= train_cfg.patience:
-                log.info("no better validation loss for %d epochs; stopping", p["bad_epochs"])
+                log.info("no better validation %s for %d epochs; stopping", train_cfg.select_on, p["bad_epochs"])
                 p["finished"] = True
+        if scheduler.end_epoch(improved) and main:
+            log.info("validation %s flat for %d epochs: learning rate now %.3g", train_cfg.select_on,
+                     train_cfg.plateau_epochs, scheduler.get_last_lr()[0])
         p["epoch"] += 1
         p["batch"] = 0
         checkpoint()
@@ -292,9 +348,21 @@ def _train(data, features, config, out, resume, overrides, stop_after_steps, cpu
     checkpoint()
     bar.close()
     if main:
-        log.info("finished: best val loss %.4f at epoch %d", p["best_val"], p["best_epoch"])
+        log.info("finished: best epoch %d (val loss %.4f, val score %.4f)", p["best_epoch"], p["best_val"],
+                 p["best_score"])
         _close(writer, handler)
     return _result(out, p, accelerator.unwrap_model(model))
+
+
+def _log_gradient_shares(model, split: PairedSplit, loss_cfg: ObjectiveConfig, device, out: Path) -> None:
+    """After the first epoch (at the start the heads emit the mean, where CKA has no gradient yet),
+    write each loss term's gradient norm on a validation batch to the log and ``balance.json``."""
+    rows = np.arange(min(32, len(split)))
+    batch = {k: v.to(device) for k, v in split.fetch(rows).items()}
+    norms = gradient_norms(model, batch, loss_cfg)
+    write_json_atomic(out / "balance.json", {"after_epoch": 0, "rows": len(rows), "terms": norms})
+    log.info("gradient norm on the output heads per weighted loss term after epoch 0 (share): %s",
+             ", ".join(f"{name} {v['heads']:.3g} ({v['share']:.0%})" for name, v in norms.items() if v["heads"] > 0))
 
 
 def _close(writer, handler) -> None:
@@ -311,7 +379,7 @@ def _save_best(out: Path, model: BrainMCLIP, cfg: dict) -> None:
 
 def _result(out: Path, p: dict, model: BrainMCLIP) -> TrainResult:
     return TrainResult(out, p["best_val"], p["best_epoch"], p["step"], p["finished"], p["val_retrieval"],
-                       model.parameter_counts())
+                       model.parameter_counts(), p.get("best_score", float("nan")), p.get("best_metrics"))
 
 
 def load_best_model(run_dir: Path) -> BrainMCLIP:
