@@ -132,3 +132,18 @@ def test_single_trial_outputs_are_averaged_per_image():
     out_ids, out = average_by_stimulus(ids, {"image": values})
     np.testing.assert_array_equal(out_ids, [7, 3, 5])  # order of first appearance
     np.testing.assert_allclose(out["image"][:, 0, 0], [(0 + 2 + 5) / 3, (1 + 4) / 2, 3])
+
+
+def test_bf16_autocast_trains_to_the_float32_validation_loss(tiny_data, tmp_path):
+    """GPU training runs under bf16 autocast; on CPU, 'bf16-always' runs the same autocast path."""
+    data, features = tiny_data
+    quick = ["train.epochs=6", "train.patience=6", "train.select_on=\"loss\""]
+    fp32 = train_brain_mclip(data, features, ["brain_mclip_tiny"], tmp_path / "fp32", progress=False,
+                             overrides=[*quick, "train.mixed_precision=\"no\""], cpu=True)
+    bf16 = train_brain_mclip(data, features, ["brain_mclip_tiny"], tmp_path / "bf16", progress=False,
+                             overrides=[*quick, "train.mixed_precision=\"bf16-always\""], cpu=True)
+    assert bf16.best_val_loss == pytest.approx(fp32.best_val_loss, rel=0.02)
+    # The run really trained under autocast: its weights differ from the float32 run's.
+    a = torch.load(tmp_path / "fp32" / "checkpoint_last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "bf16" / "checkpoint_last.pt", weights_only=True)["model"]
+    assert not torch.equal(a["image_head.proj.weight"], b["image_head.proj.weight"])

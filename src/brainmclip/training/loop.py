@@ -230,7 +230,9 @@ def _train(data, features, config, out, resume, overrides, stop_after_steps, cpu
     # bf16 autocast on GPU only unless asked for everywhere: bf16 matmuls are very slow on most CPUs.
     on_gpu = torch.cuda.is_available() and not cpu
     use_bf16 = train_cfg.mixed_precision == "bf16-always" or (train_cfg.mixed_precision == "bf16" and on_gpu)
-    accelerator = Accelerator(cpu=cpu, mixed_precision="bf16" if use_bf16 else "no")
+    # Autocast is ours, not accelerate's: accelerate fixes mixed precision once per process, and a
+    # process may train several runs (sweeps, ablation tables, tests) with different settings.
+    accelerator = Accelerator(cpu=cpu, mixed_precision="no")
     torch.manual_seed(train_cfg.seed)
     model = build_model(cfg.get("model", {}), prepared, store.manifest["settings"], data_cfg)
     if state is None and model.config.start_at_mean:
@@ -293,7 +295,7 @@ def _train(data, features, config, out, resume, overrides, stop_after_steps, cpu
             for micro in range(train_cfg.grad_accum):
                 rows = batches[p["batch"] + micro]
                 batch = {k: v.to(device) for k, v in train_split.fetch(rows).items()}
-                with accelerator.autocast():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     output = model(batch["semantic"], batch["detail"])
                     loss, parts = brain_mclip_objective(output, batch, batch["semantic"], batch["detail"], loss_cfg)
                 accelerator.backward(loss / train_cfg.grad_accum)
