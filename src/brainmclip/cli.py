@@ -518,6 +518,8 @@ def _add_ablate(sub) -> None:
     p.add_argument("--allow-random-metric-nets", action="store_true",
                    help="use random networks where metric weights are absent; those columns are marked uncalibrated")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("--metrics", type=lambda text: [m.strip() for m in text.split(",") if m.strip()], default=None,
+                   help="comma-separated subset of the eight metrics, e.g. PixCorr,SSIM,CLIP (default: all)")
     p.set_defaults(func=_run_ablate)
 
 
@@ -528,7 +530,7 @@ def _run_ablate(args) -> int:
     options = ReconstructOptions(generator=args.generator, clip=args.clip, steps=args.steps, batch_size=50)
     run_ablation(args.table, args.data, args.features, args.out, args.config or ["brain_mclip"], args.overrides,
                  options, clip_model=args.clip, allow_random=args.allow_random_metric_nets, n_boot=args.bootstrap,
-                 progress=not args.quiet)
+                 metrics=args.metrics, progress=not args.quiet)
     folder = args.out / f"table{args.table}"
     print((folder / "table.md").read_text())
     print(f"wrote {folder}/table.md, table.csv, figure.png (show it with brainmclip report --analyses {folder})")

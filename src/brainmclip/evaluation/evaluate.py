@@ -101,12 +101,14 @@ def _retrieval(pred_dir: Path, features: Path | None, n_way: int, seed: int) -> 
 
 def evaluate_reconstructions(recon_dirs, out, protocol=None, clip_model: str = "openai/clip-vit-large-patch14",
                              weights_dir=None, allow_random: bool = False, n_boot: int = 1000, seed: int = 0,
-                             batch_size: int = 32, networks=None, truth_cache: dict | None = None) -> dict:
+                             batch_size: int = 32, networks=None, truth_cache: dict | None = None,
+                             metrics=None) -> dict:
     """Evaluate reconstruction folders; write metrics.json, metrics.csv, metrics.md and per_image.npz to ``out``.
 
     ``networks`` (from :func:`~brainmclip.evaluation.image_metrics.load_metric_networks`) and
     ``truth_cache`` (a dict this call fills) let a caller that evaluates many folders against the
-    same test images load the metric networks and embed the true images once.
+    same test images load the metric networks and embed the true images once. ``metrics``: a
+    subset of the eight to compute (default all); the others are absent from the results.
     """
     from brainmclip.evaluation.image_metrics import METRICS, MetricProtocol, evaluate_images, load_metric_networks
 
@@ -127,10 +129,10 @@ def evaluate_reconstructions(recon_dirs, out, protocol=None, clip_model: str = "
         recons = np.stack([recon.load(i) for i in range(len(recon))])
         truths = _truth_images(data, ids)
         if networks is None:  # loaded once, after the inputs are known to be there
-            networks = load_metric_networks(METRICS, clip_model, weights_dir, allow_random)
+            networks = load_metric_networks(metrics or METRICS, clip_model, weights_dir, allow_random)
         result = evaluate_images(recons, truths, protocol=protocol, clip_model=clip_model, weights_dir=weights_dir,
                                  allow_random=allow_random, batch_size=batch_size, networks=networks,
-                                 truth_cache=truth_cache)
+                                 truth_cache=truth_cache, metrics=metrics or METRICS)
         subject, method = int(pred_manifest.get("subject", 0)), str(pred_manifest.get("method", "unknown"))
         key = f"subj{subject:02d}/{method}"
         per_image = {m: np.asarray(v) for m, v in result["per_image"].items()}

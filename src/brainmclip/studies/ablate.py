@@ -53,13 +53,15 @@ def _subject_row(row: Row, data: Path, features, folder: Path, base_configs, ove
         predict(folder / "run", "test", pred)
     recon = reconstruct(pred, folder / "reconstructions_test", recon_options, progress=progress)
     metrics_file = folder / "evaluation" / "metrics.json"
-    if metrics_file.is_file():
-        report = json.loads(metrics_file.read_text())
-    else:
-        if "networks" not in eval_kwargs:  # loaded once, for the first row that needs scoring
-            from brainmclip.evaluation.image_metrics import METRICS, load_metric_networks
+    from brainmclip.evaluation.published import METRIC_NAMES
 
-            eval_kwargs["networks"] = load_metric_networks(METRICS, eval_kwargs["clip_model"], None,
+    wanted = set(eval_kwargs["metrics"] or METRIC_NAMES)
+    report = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+    if report is None or set(report["runs"][0]["metrics"]) != wanted:
+        if "networks" not in eval_kwargs:  # loaded once, for the first row that needs scoring
+            from brainmclip.evaluation.image_metrics import load_metric_networks
+
+            eval_kwargs["networks"] = load_metric_networks(sorted(wanted), eval_kwargs["clip_model"], None,
                                                            eval_kwargs["allow_random"])
         report = evaluate_reconstructions([recon.root], folder / "evaluation", **eval_kwargs)
     entry = report["runs"][0]
@@ -71,8 +73,11 @@ def _subject_row(row: Row, data: Path, features, folder: Path, base_configs, ove
 
 def run_ablation(table: int, data_dirs, features, out, base_configs=("brain_mclip",), overrides=(),
                  recon_options=None, clip_model: str = "openai/clip-vit-large-patch14", allow_random: bool = False,
-                 n_boot: int = 1000, progress: bool = True) -> list[dict]:
+                 n_boot: int = 1000, metrics=None, progress: bool = True) -> list[dict]:
     """Run every row of ``table`` (3 or 4) for every prepared subject in ``data_dirs``; write ``OUT/table<N>``.
+
+    ``metrics``: compute only these of the eight (default all; the ImageNet networks dominate the
+    cost of scoring on a CPU). A row scored earlier with other metrics is scored again.
 
     Returns the table rows (label, our mean metrics, intervals, published values, tests vs Ours).
     """
@@ -86,7 +91,13 @@ def run_ablation(table: int, data_dirs, features, out, base_configs=("brain_mcli
         raise ValueError(f"Unknown table={table!r}; choose 3 (architecture) or 4 (loss)")
     out = Path(out)
     recon_options = recon_options or ReconstructOptions()
-    eval_kwargs = {"clip_model": clip_model, "allow_random": allow_random, "n_boot": n_boot, "truth_cache": {}}
+    if metrics is not None:
+        unknown = set(metrics) - set(METRIC_NAMES)
+        if unknown or not metrics:
+            raise ValueError(f"Unknown metric(s) {sorted(unknown)}; choose from {list(METRIC_NAMES)}")
+        metrics = [m for m in METRIC_NAMES if m in metrics]
+    eval_kwargs = {"clip_model": clip_model, "allow_random": allow_random, "n_boot": n_boot, "truth_cache": {},
+                   "metrics": metrics}
     subjects = [(load_prepared(d, images=False).subject, Path(d)) for d in data_dirs]
     if len({s for s, _ in subjects}) != len(subjects):
         raise ValueError(f"--data gives subject(s) {[s for s, _ in subjects]} more than once")
