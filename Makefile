@@ -13,7 +13,13 @@ PIP_FLAGS ?= --quiet --progress-bar off
 MINI_OUT ?= runs/miniature
 MINI_WEIGHTS := src/brainmclip/miniature/weights
 
-.PHONY: demo test install lock clean miniature
+PAPER_OUT ?= $(DEMO_OUT)/paper
+PAPER_SUBJECT ?= subj01
+PAPER_DATA := $(DEMO_OUT)/prepared/$(PAPER_SUBJECT)
+PAPER_FEATURES := $(DEMO_OUT)/features/mini
+MINI_EVAL := --generator mini --clip mini --allow-random-metric-nets
+
+.PHONY: demo test install lock clean miniature paper
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +44,25 @@ miniature: $(STAMP)
 	    --cache $(MINI_OUT)/cache
 	rm -rf $(MINI_WEIGHTS) && mkdir -p $(MINI_WEIGHTS)
 	for m in clip vd sd; do cp -r $(MINI_OUT)/$$m/model $(MINI_WEIGHTS)/$$m; done
+
+# The BrainMCLIP paper's ablation tables and analyses on the demo's data (one subject, miniature world; every
+# step resumes), then the demo report again with them as sections. Runs the demo first if it has not run.
+paper: $(STAMP)
+	@test -f $(DEMO_OUT)/evaluation/metrics.json || $(BIN)/brainmclip demo --out $(DEMO_OUT)
+	$(BIN)/brainmclip ablate --table 3 --data $(PAPER_DATA) --features $(PAPER_FEATURES) --out $(PAPER_OUT)/ablations \
+	    --config brain_mclip_tiny $(MINI_EVAL)
+	$(BIN)/brainmclip ablate --table 4 --data $(PAPER_DATA) --features $(PAPER_FEATURES) --out $(PAPER_OUT)/ablations \
+	    --config brain_mclip_tiny $(MINI_EVAL)
+	$(BIN)/brainmclip analyze rsa --data $(PAPER_DATA) --clip mini --out $(PAPER_OUT)/analyses/rsa
+	$(BIN)/brainmclip analyze layer-cka --data $(PAPER_DATA) --clip mini --out $(PAPER_OUT)/analyses/layer_cka
+	$(BIN)/brainmclip analyze layer-sweep --data $(PAPER_DATA) --clip mini --generator mini \
+	    --out $(PAPER_OUT)/analyses/layer_sweep
+	$(BIN)/brainmclip analyze gt-layers --data $(PAPER_DATA) --clip mini --generator mini \
+	    --out $(PAPER_OUT)/analyses/gt_layers
+	$(BIN)/brainmclip analyze backproject --data $(PAPER_DATA) --features $(PAPER_FEATURES) \
+	    --predictions $(DEMO_OUT)/runs/$(PAPER_SUBJECT)/brain_mclip/predictions_test --out $(PAPER_OUT)/analyses/backproject
+	$(BIN)/brainmclip report --eval $(DEMO_OUT)/evaluation --out $(DEMO_OUT)/report \
+	    --analyses $(PAPER_OUT)/ablations $(PAPER_OUT)/analyses
 
 # Re-resolve the pinned stack in a scratch venv and rewrite constraints.txt.
 lock:

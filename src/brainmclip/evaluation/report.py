@@ -258,6 +258,7 @@ figure{margin:10px 0 18px;background:#fff;border:1px solid #d9dde5;border-radius
 figure img{max-width:100%;height:auto;display:block}
 figcaption{font-size:12px;color:#5a6475;margin-top:6px}
 table{border-collapse:collapse;background:#fff;font-size:13.5px;font-variant-numeric:tabular-nums}
+table.analysis{display:block;max-width:100%;overflow-x:auto;font-size:12.5px}
 th,td{padding:5px 9px;border-bottom:1px solid #e3e6ec;text-align:right;vertical-align:top;white-space:nowrap}
 th{background:#e9ecf2;font-weight:600}
 td.name,th.name{text-align:left}
