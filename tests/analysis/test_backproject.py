@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 
 import numpy as np
 import pytest
@@ -24,14 +23,6 @@ from brainmclip.features.feature_store import FeatureStore
 from brainmclip.models.predictions import write_predictions
 
 TOKENS, DIM = 3, 8
-
-
-def _fails(argv, capsys, pattern) -> str:
-    capsys.readouterr()
-    assert main(argv) == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and re.search(pattern, err), err
-    return err
 
 
 # -- pieces against independent references -----------------------------------------------------------
@@ -175,16 +166,16 @@ def test_fused_only_predictions_fall_back_with_a_note(planted, tmp_path, capsys)
     assert "no image_semantic.npy" in manifest["caption"] and manifest["settings"]["pooling"] == "cls+mean"
 
 
-def test_clear_errors(planted, tmp_path, capsys):
+def test_clear_errors(planted, tmp_path, capsys, fails):
     base, prepared = planted
     argv = ["analyze", "backproject", "--data", str(prepared.root), "--features", str(base / "features"),
             "--out", str(tmp_path / "o"), "--predictions"]
-    _fails([*argv, str(base / "pred_subj2")], capsys, "predictions of subject 2, but .* is subject 1")
-    _fails([*argv, str(base / "pred_wide")], capsys, "different CLIPs")
-    _fails([*argv, str(tmp_path / "nothing")], capsys, "nothing")
+    fails([*argv, str(base / "pred_subj2")], "predictions of subject 2, but .* is subject 1")
+    fails([*argv, str(base / "pred_wide")], "different CLIPs")
+    fails([*argv, str(tmp_path / "nothing")], "nothing")
     other = tmp_path / "other_store"
     store = FeatureStore.create(other, {"model": "planted", "embed_dim": DIM})
     store.write_shard(prepared.test.stimulus_ids, {k: np.zeros((len(prepared.test), TOKENS, DIM), np.float32)
                                                    for k in ("image_semantic", "image_detail", "text")})
-    _fails([*argv[:5], str(other), *argv[6:], str(base / "pred")], capsys, "lacks .* training images")
+    fails([*argv[:5], str(other), *argv[6:], str(base / "pred")], "lacks .* training images")
     assert not (tmp_path / "o" / "manifest.json").exists()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 
 import numpy as np
 import pytest
@@ -18,15 +17,6 @@ from brainmclip.analysis.gt_layers import (
 )
 from brainmclip.cli import main
 from brainmclip.data.prepare import PrepareOptions, prepare_subject
-
-
-def _fails(argv, capsys, pattern) -> str:
-    """The command exits with status 1 and one error line matching ``pattern``."""
-    capsys.readouterr()
-    assert main(argv) == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and re.search(pattern, err), err
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +69,7 @@ def test_conditions_are_built_like_the_feature_store():
     assert not np.allclose(other, ranged, atol=1e-3)
 
 
-def test_end_to_end_with_the_miniature_models(prepared, tmp_path, capsys):
+def test_end_to_end_with_the_miniature_models(prepared, tmp_path, capsys, fails):
     """The command with mini-CLIP and mini-VD on three test images, two steps; then a resumed rerun."""
     from PIL import Image
 
@@ -124,18 +114,18 @@ def test_end_to_end_with_the_miniature_models(prepared, tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert json.loads((out / "manifest.json").read_text())["table"] == manifest["table"]
     # other settings must not mix with these images
-    _fails([*argv[:-1], "3"], capsys, "other settings .*steps")
+    fails([*argv[:-1], "3"], "other settings .*steps")
 
 
-def test_clear_errors(prepared, tmp_path, capsys):
+def test_clear_errors(prepared, tmp_path, capsys, fails):
     base = ["analyze", "gt-layers", "--data", str(prepared), "--out", str(tmp_path / "o"), "--clip", "tiny",
             "--generator", "tiny"]
-    _fails([*base, "--ranges", "20-11"], capsys, "--ranges: '20-11' is not valid")
-    _fails([*base, "--layers", "30"], capsys, "--layers: '30' goes past layer 24")
-    _fails([*base, "--n-images", "1"], capsys, "at least 2 images")
-    _fails([*base, "--layers", "", "--ranges", "", "--fused", ""], capsys, "all empty")
-    _fails([*base[:3], str(tmp_path / "missing"), *base[4:]], capsys, "missing")
+    fails([*base, "--ranges", "20-11"], "--ranges: '20-11' is not valid")
+    fails([*base, "--layers", "30"], "--layers: '30' goes past layer 24")
+    fails([*base, "--n-images", "1"], "at least 2 images")
+    fails([*base, "--layers", "", "--ranges", "", "--fused", ""], "all empty")
+    fails([*base[:3], str(tmp_path / "missing"), *base[4:]], "missing")
     # a generator made for another CLIP width fails before any image is made
-    _fails([*base[:-1], "mini", "--layers", "1", "--ranges", "", "--fused", "", "--n-images", "2"], capsys,
-           "width 64 but the CLIP embeds in 32")
+    fails([*base[:-1], "mini", "--layers", "1", "--ranges", "", "--fused", "", "--n-images", "2"],
+          "width 64 but the CLIP embeds in 32")
     assert not list((tmp_path / "o" / "images").glob("*/*.png"))

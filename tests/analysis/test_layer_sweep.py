@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 
 import numpy as np
 import pytest
@@ -11,14 +10,6 @@ import pytest
 from brainmclip.analysis.layer_sweep import score_embeddings
 from brainmclip.cli import main
 from brainmclip.data.prepare import PrepareOptions, prepare_subject
-
-
-def _fails(argv, capsys, pattern) -> str:
-    capsys.readouterr()
-    assert main(argv) == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and re.search(pattern, err), err
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +43,7 @@ def test_scores_against_a_brute_force_reference():
     assert s["n_way"] == n and s["n_images"] == n
 
 
-def test_sweep_end_to_end_and_resume(prepared, tmp_path, capsys):
+def test_sweep_end_to_end_and_resume(prepared, tmp_path, capsys, fails):
     """One range with tiny models: store, ridge run, scores, reconstructions; a rerun redoes nothing."""
     from brainmclip.features.feature_store import open_feature_store
     from brainmclip.models.predictions import load_predictions
@@ -96,14 +87,14 @@ def test_sweep_end_to_end_and_resume(prepared, tmp_path, capsys):
     assert [p.stat().st_mtime_ns for p in files] == stamps
     assert json.loads((out / "manifest.json").read_text())["table"] == manifest["table"]
     # a different decoder in the same folder would mix runs
-    _fails([*argv, "--decoder", "brain_mclip"], capsys, "other settings .*decoder")
+    fails([*argv, "--decoder", "brain_mclip"], "other settings .*decoder")
 
 
-def test_clear_errors(prepared, tmp_path, capsys):
+def test_clear_errors(prepared, tmp_path, capsys, fails):
     base = ["analyze", "layer-sweep", "--data", str(prepared), "--clip", "tiny", "--out", str(tmp_path / "o")]
-    _fails([*base, "--ranges", "5-"], capsys, "--ranges: '5-' is not valid")
-    _fails([*base, "--ranges", "11-20,20-30"], capsys, "--ranges: '20-30' goes past layer 24")
-    _fails([*base, "--config", "brain_mclip_tiny"], capsys, "--decoder brain_mclip only")
-    _fails([*base, "--n-recon", "1"], capsys, "--n-recon")
-    _fails([*base[:3], str(tmp_path / "missing"), *base[4:]], capsys, "missing")
+    fails([*base, "--ranges", "5-"], "--ranges: '5-' is not valid")
+    fails([*base, "--ranges", "11-20,20-30"], "--ranges: '20-30' goes past layer 24")
+    fails([*base, "--config", "brain_mclip_tiny"], "--decoder brain_mclip only")
+    fails([*base, "--n-recon", "1"], "--n-recon")
+    fails([*base[:3], str(tmp_path / "missing"), *base[4:]], "missing")
     assert not (tmp_path / "o" / "features").exists()
