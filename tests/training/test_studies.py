@@ -64,8 +64,8 @@ def test_ablation_table_3(tiny_data, tmp_path, capsys):
     assert labels[0] == ("Text Branch Only", "ours") and labels[1] == ("Text Branch Only", "published")
     assert len(labels) == 10 and (folder / "figure.png").stat().st_size > 10_000
     ours = {r["row"]: r for r in summary["table"] if r["source"] == "ours"}
-    assert ours["Text Branch Only"]["p vs Ours"] != "" and ours[
-        "Text + Image Semantic + Image Detail + Cross Reconstruction (Ours)"]["p vs Ours"] == ""
+    assert ours["Text Branch Only"]["p CLIP vs Ours"] != "" and ours[
+        "Text + Image Semantic + Image Detail + Cross Reconstruction (Ours)"]["p PixCorr vs Ours"] == ""
     assert ours["Text Branch Only"]["InceptionV3"] == "" and "[" in ours["Text Branch Only"]["PixCorr"]
     published = [r for r in summary["table"] if r["source"] == "published"]
     assert published[0]["PixCorr"] == "0.065" and published[-1]["CLIP"] == "0.952"
