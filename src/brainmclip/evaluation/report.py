@@ -237,7 +237,8 @@ def _curves_figure(subject: int, runs: Sequence[Mapping], path: Path) -> bool:
     for k in range(len(tags), n_rows * n_cols):
         axes[k // n_cols][k % n_cols].set_visible(False)
     fig.suptitle(f"Subject {subject}: training curves", fontsize=12, x=0.02, ha="left")
-    fig.tight_layout()
+    # Leave the top strip to the title; tight_layout would otherwise pull the first row's titles under it.
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (2.9 * n_rows)))
     _save_figure(fig, path)
     plt.close(fig)
     return True
