@@ -18,10 +18,29 @@ from pathlib import Path
 from brainmclip import __version__
 from brainmclip.atomic import atomic_path, read_manifest, write_bytes_atomic
 
-__all__ = ["ANALYSIS_FORMAT", "ANALYSIS_FILE", "save_figure", "write_analysis", "load_analysis", "find_analyses"]
+__all__ = ["ANALYSIS_FORMAT", "ANALYSIS_FILE", "save_figure", "write_analysis", "load_analysis", "find_analyses",
+           "first_rows"]
 
 ANALYSIS_FORMAT = "brainmclip-analysis/1"
 ANALYSIS_FILE = "manifest.json"
+
+
+def first_rows(prepared, split: str):
+    """A split of a prepared dataset that holds images, and its first row of each image (in order of appearance).
+
+    Returns ``(samples, stimulus_ids of every row, row indices)``; one clear error for an unknown
+    split or a split prepared without images.
+    """
+    import numpy as np
+
+    if split not in prepared.splits:
+        raise ValueError(f"Unknown split={split!r}; choose from {sorted(prepared.splits)}")
+    samples = prepared.splits[split]
+    if samples.images is None:
+        raise ValueError(f"{prepared.root}: the {split} split has no images.npy (prepare with images)")
+    ids = np.asarray(samples.stimulus_ids)
+    _, first = np.unique(ids, return_index=True)
+    return samples, ids, np.sort(first)
 
 
 def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:

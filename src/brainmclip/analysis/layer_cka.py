@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from brainmclip.analysis.common import first_rows
+
 __all__ = ["NAME", "HELP", "add_arguments", "run", "stimulus_images", "cka_map", "check_window", "summarise"]
 
 NAME = "layer_cka"
@@ -32,14 +34,8 @@ def stimulus_images(prepared_list, split: str = "test", n_images: int | None = N
     """
     ids, images, seen = [], [], set()
     for prepared in prepared_list:
-        if split not in prepared.splits:
-            raise ValueError(f"Unknown split={split!r}; choose from {sorted(prepared.splits)}")
-        samples = prepared.splits[split]
-        if samples.images is None:
-            raise ValueError(f"{prepared.root}: the {split} split has no images.npy (prepare with images)")
-        stim = np.asarray(samples.stimulus_ids)
-        _, first = np.unique(stim, return_index=True)
-        rows = [r for r in np.sort(first) if int(stim[r]) not in seen]
+        samples, stim, first = first_rows(prepared, split)
+        rows = [r for r in first if int(stim[r]) not in seen]
         if n_images is not None:
             rows = rows[:max(n_images - len(ids), 0)]
         seen.update(int(stim[r]) for r in rows)

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from brainmclip.analysis.common import first_rows
+
 __all__ = ["NAME", "HELP", "ROIS", "add_arguments", "run", "roi_masks", "split_patterns", "rdm", "rdm_upper",
            "rsa_matrix"]
 
@@ -81,19 +83,12 @@ def split_patterns(prepared, split: str = "test", n_images: int | None = None):
     """
     from brainmclip.training.predict import average_by_stimulus
 
-    if split not in prepared.splits:
-        raise ValueError(f"Unknown split={split!r}; choose from {sorted(prepared.splits)}")
-    samples = prepared.splits[split]
-    if samples.images is None:
-        raise ValueError(f"{prepared.root}: the {split} split has no images.npy (prepare with images)")
-    ids = np.asarray(samples.stimulus_ids)
-    _, first = np.unique(ids, return_index=True)
-    rows = np.sort(first)  # one row per image, in order of first appearance
+    samples, ids, rows = first_rows(prepared, split)  # one row per image, in order of first appearance
     if n_images is not None:
         if n_images < 3:
             raise ValueError(f"--n-images {n_images}: RSA needs at least 3 images")
         rows = rows[:n_images]
-    if len(first) == len(ids):  # one row per image already (repeats averaged when prepared)
+    if len(np.unique(ids)) == len(ids):  # one row per image already (repeats averaged when prepared)
         betas = np.asarray(samples.betas[rows], np.float32)
     else:
         keep = np.flatnonzero(np.isin(ids, ids[rows]))
