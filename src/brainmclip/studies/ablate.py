@@ -135,18 +135,15 @@ def run_ablation(table: int, data_dirs, features, out, base_configs=("brain_mcli
 
 
 def _table_rows(table: int, results: dict, published: dict, metric_names) -> list[dict]:
-    from scipy import stats
+    from brainmclip.evaluation.evaluate import paired_tests
 
     ours = results["full"]
     rows = []
     for name, r in results.items():
         tests = {}
         if name != "full":
-            for m in r["pooled"]:
-                x, y = r["pooled"][m], ours["pooled"].get(m)
-                if y is not None and len(x) == len(y):
-                    diff = np.asarray(x, np.float64) - np.asarray(y, np.float64)
-                    tests[m] = float(stats.wilcoxon(x, y).pvalue) if np.any(diff != 0) else 1.0
+            tests = {t["metric"]: t["p_value"]
+                     for t in paired_tests({"a:row": r["pooled"], "b:ours": ours["pooled"]})}
         values = {m: f"{r['mean'][m]:.3f} [{r['ci95'][m][0]:.3f}, {r['ci95'][m][1]:.3f}]" for m in r["mean"]}
         rows.append({"name": name, "label": r["row"].label, "source": "ours", "values": values,
                      "mean": r["mean"], "ci95": r["ci95"], "p_values": tests})
