@@ -83,8 +83,9 @@ def _add_prepare(sub) -> None:
     p.add_argument("--betas-version", default="betas_fithrf_GLMdenoise_RR", help="betas folder under func1pt8mm")
     p.add_argument("--normalize", default=None, choices=NORMALIZATIONS,
                    help="session: per-session z-score with train trials (default for NSD, leakage-safe); "
-                        "brain-diffuser: average then z-score with train statistics; none: as the files hold them "
-                        "(default for published formats, which their authors normalised already)")
+                        "brain-diffuser: average, then z-score with every non-test image (train and val, sd ddof=1); "
+                        "none: as the files hold them (default for published formats, which their authors normalised "
+                        "already)")
     p.add_argument("--single-trial", action="store_true", help="keep repeats as separate rows")
     p.add_argument("--val-size", type=int, help="images held out from the end of train (default: 859/8859 of train)")
     p.add_argument("--detail-voxels", default="roi", choices=("roi", "nsdgeneral"),
@@ -314,9 +315,11 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--recon", required=True, nargs="+", type=Path, help="reconstruction folder(s), any subjects/methods")
     p.add_argument("--out", required=True, type=Path, help="folder for metrics.json/.csv/.md and per_image.npz")
     p.add_argument("--protocol", default="mindeye1", choices=("mindeye1", "brain-diffuser"),
-                   help="mindeye1 (default: 256 px first, tensor resizes) or brain-diffuser (224 px, PIL resize)")
-    p.add_argument("--ssim", default="gaussian", choices=("gaussian", "columnwise"),
-                   help="columnwise: what scikit-image <= 0.19 computed with multichannel=True on grey images")
+                   help="mindeye1 (default: 256 px first, tensor resizes) or brain-diffuser (its scripts: pixel "
+                        "metrics at the ground truth's native size, networks at 224 px PIL)")
+    p.add_argument("--ssim", default=None, choices=("gaussian", "columnwise"),
+                   help="override the protocol's SSIM (mindeye1: gaussian 2-D; brain-diffuser: columnwise, what "
+                        "scikit-image <= 0.19 computed with multichannel=True on grey images)")
     p.add_argument("--clip", default="openai/clip-vit-large-patch14", help="CLIP for the CLIP metric ('tiny' for tests)")
     p.add_argument("--weights-dir", type=Path, help="folder with torchvision weight files (else the torch hub cache)")
     p.add_argument("--allow-random-metric-nets", action="store_true",
@@ -374,6 +377,8 @@ def _add_miniature(sub) -> None:
                                               "(default: OUT/cache)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     t.add_argument("--force", action="store_true", help="delete --out and start again")
+    t.add_argument("--quality-scenes", type=int, help="held-out scenes for the model card's quality figures "
+                                                      "(default: clip 500, vd / sd 100; fewer for a quick check)")
     t.set_defaults(func=_run_miniature_train)
     q = msub.add_parser("quality", help="measure a miniature model on held-out scenes (what its model card records)")
     q.add_argument("model", choices=("clip", "vd", "sd"))
@@ -386,8 +391,10 @@ def _run_miniature_train(args) -> int:
     import shlex
 
     command = "brainmclip miniature " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else ""
+    if args.quality_scenes is not None and args.quality_scenes < 2:
+        raise ValueError(f"--quality-scenes {args.quality_scenes}: need at least 2 held-out scenes")
     kw = {"overrides": args.set, "force": args.force, "progress": not args.quiet, "command": command,
-          "cache": args.cache}
+          "cache": args.cache, "quality_scenes": args.quality_scenes}
     if args.config:
         kw["config"] = args.config
     if args.model == "clip":
@@ -574,8 +581,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=min(level, logging.INFO), handlers=[console], force=True)
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError,
-            OSError) as exc:
+    except (ValueError, OSError) as exc:
+        # OSError covers missing, existing and unreadable files. KeyError is left out on purpose: a
+        # user's unknown name is reported as a ValueError, so a KeyError is a bug and shows its traceback.
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"brainmclip {args.command}: error: {message}", file=sys.stderr)
         return 1

@@ -89,6 +89,9 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
             node = node[part]
         if parts[-1] not in node:
             raise ValueError(f"--set {item!r}: unknown key {key!r}; known here: {sorted(node)}")
+        if isinstance(node[parts[-1]], dict) and not isinstance(value, dict):
+            raise ValueError(f"--set {item!r}: {key!r} is a section of the config, not a value; set one of its "
+                             f"keys: {sorted(node[parts[-1]])}")
         node[parts[-1]] = value
     return config
 

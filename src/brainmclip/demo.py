@@ -18,11 +18,8 @@ import numpy as np
 from brainmclip.data.prepare import PrepareOptions, prepare_subject
 from brainmclip.data.synthetic import make_synthetic_nsd
 from brainmclip.evaluation.evaluate import evaluate_reconstructions, make_report
-from brainmclip.evaluation.retrieval import similarity_matrix, top1_n_way
 from brainmclip.features.extract import extract_features
-from brainmclip.features.feature_store import open_feature_store
 from brainmclip.generation.reconstruct import ReconstructOptions, reconstruct
-from brainmclip.models.predictions import load_predictions
 from brainmclip.training.loop import train_brain_mclip
 from brainmclip.training.predict import predict
 from brainmclip.training.ridge_fit import train_ridge
@@ -61,15 +58,6 @@ def _finished(run: Path) -> bool:
     return bool(load_checkpoint(run / "checkpoint_last.pt")["progress"]["finished"])
 
 
-def _retrieval(pred_dir: Path, features: Path) -> tuple[float, float]:
-    pred = load_predictions(pred_dir)
-    targets = open_feature_store(features).get(pred.stimulus_ids, ("image_semantic", "image_detail"))
-    fused = (targets["image_semantic"] + targets["image_detail"]) / 2
-    sim = similarity_matrix(np.asarray(pred.image, np.float32), fused)
-    top1 = top1_n_way(sim, n_way=300, n_repeats=30)
-    return top1["image_retrieval"]["mean"], top1["brain_retrieval"]["mean"]
-
-
 def run_synthetic_demo(out_dir, tiny: bool = False, seed: int = 0, progress: bool = True) -> str:
     """Run the demo into ``out_dir`` and return a short summary of what it wrote."""
     out = Path(out_dir)
@@ -84,12 +72,11 @@ def run_synthetic_demo(out_dir, tiny: bool = False, seed: int = 0, progress: boo
     features_dir = out / "features" / DEMO_CLIP
     extract_features([p.root for p in prepared], features_dir, model=DEMO_CLIP, progress=progress)
     # 4. BrainMCLIP (toy width), the ridge baseline and the ground-truth embeddings per subject, on the test set.
-    scores, recon_dirs = {}, []
+    recon_dirs = []
     for p in prepared:
         for method in DEMO_METHODS:
             run = out / "runs" / f"subj{p.subject:02d}" / method
             pred = _train_and_predict(method, p.root, features_dir, run, progress)
-            scores[(p.subject, method)] = _retrieval(pred, features_dir)
             # 5. Images from the predictions with mini-VD (real runs: shi-labs/versatile-diffusion at 512 px).
             recon = reconstruct(pred, run / "reconstructions_test",
                                 ReconstructOptions(generator=DEMO_GENERATOR, clip=DEMO_CLIP, batch_size=50),
@@ -107,7 +94,9 @@ def run_synthetic_demo(out_dir, tiny: bool = False, seed: int = 0, progress: boo
     n_test = len(prepared[0].test)
     agreement = _mean_scene_checks(evaluation)
     for method, values in evaluation["mean_over_subjects"].items():
-        image, brain = np.mean([scores[(s, method)] for s in DEMO_SUBJECTS], axis=0)
+        top1 = [e.retrieval["image"]["top1_n_way"] for e in evaluation["runs"] if e.method == method]
+        image = np.mean([t["image_retrieval"]["mean"] for t in top1])
+        brain = np.mean([t["brain_retrieval"]["mean"] for t in top1])
         lines.append(f"  {method:<12} {min(300, n_test)}-way top-1 image / brain retrieval {image:.3f} / {brain:.3f} "
                      f"(chance {1 / min(300, n_test):.3f}); PixCorr {values['PixCorr']:.3f}, "
                      f"SSIM {values['SSIM']:.3f}, CLIP 2-way {100 * values['CLIP']:.1f}%, "
@@ -120,7 +109,6 @@ def _mean_scene_checks(evaluation: dict) -> dict[str, float]:
     """Mean over subjects of each method's category agreement (reconstruction's zero-shot category vs the scene)."""
     values: dict[str, list[float]] = {}
     for entry in evaluation["runs"]:
-        checks = entry.get("scene_checks") or {}
-        if "category_agreement" in checks:
-            values.setdefault(entry["method"], []).append(checks["category_agreement"])
+        if "category_agreement" in entry.scene_checks:
+            values.setdefault(entry.method, []).append(entry.scene_checks["category_agreement"])
     return {m: float(np.mean(v)) for m, v in values.items()}

@@ -1,16 +1,17 @@
 """The named hand-off types between stages of the data flow.
 
-``data`` -> :class:`FmriSamples` -> ``features`` -> ``models`` -> ``generation`` -> ``evaluation``.
-Later stages add their types here.
+``data`` -> :class:`FmriSamples` -> ``features`` -> ``models`` -> :class:`DecodedEmbeddings` ->
+``generation`` -> :class:`GeneratedImages` -> ``evaluation`` -> :class:`MetricReport` (one image set) and
+:class:`RunEvaluation` (one subject and method, what ``metrics.json`` holds and the report shows).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-__all__ = ["DecodedEmbeddings", "FmriSamples", "GeneratedImages"]
+__all__ = ["DecodedEmbeddings", "FmriSamples", "GeneratedImages", "MetricReport", "RunEvaluation"]
 
 
 @dataclass(frozen=True)
@@ -121,3 +122,82 @@ class GeneratedImages:
 
         with Image.open(self.paths[index]) as img:
             return np.asarray(img.convert("RGB"))
+
+
+@dataclass(frozen=True)
+class MetricReport:
+    """The image metrics of ``n`` reconstructions against their ground truths (recon i pairs with truth i).
+
+    Attributes
+    ----------
+    values : dict of str to float
+        Mean of each computed metric, in the metric table's order (identification as fractions).
+    per_image : dict of str to float64 array of shape (n,)
+        PixCorr r_i, SSIM_i, the identification accuracy of recon i, the distance of pair i.
+    uncalibrated : tuple of str
+        Metrics computed with randomly initialised networks (only good for comparing our own rows).
+    protocol : dict
+        The resize/SSIM protocol, as :class:`~brainmclip.evaluation.image_metrics.MetricProtocol` fields.
+    networks : dict of str to str
+        Where each network's weights came from.
+    n : int
+    seconds : float
+    """
+
+    values: dict
+    per_image: dict
+    uncalibrated: tuple
+    protocol: dict
+    networks: dict
+    n: int
+    seconds: float
+
+
+@dataclass
+class RunEvaluation:
+    """The evaluation of one subject's reconstructions by one method.
+
+    Attributes
+    ----------
+    subject : int
+    method : str
+    metrics : dict of str to float
+        Mean of each image metric.
+    ci95 : dict of str to (float, float)
+        Bootstrap 95% interval of each mean, resampling test images.
+    uncalibrated : list of str
+        Metrics computed with randomly initialised networks.
+    retrieval : dict
+        Per decoded embedding (``image``, ``text``): :func:`~brainmclip.evaluation.retrieval.retrieval_report`.
+    scene_checks : dict
+        Simulated data only: category agreement of reconstructions and true images with the scenes.
+    parameters : int
+        Trainable parameters of the mapping model.
+    n_images : int
+    test_set : str or None
+    reconstructions, data, run : str
+        The reconstruction folder, the prepared dataset and the training run, as recorded in
+        ``metrics.json`` (relative to the evaluation folder when written by :func:`evaluate_reconstructions`).
+    """
+
+    subject: int
+    method: str
+    metrics: dict
+    ci95: dict = field(default_factory=dict)
+    uncalibrated: list = field(default_factory=list)
+    retrieval: dict = field(default_factory=dict)
+    scene_checks: dict = field(default_factory=dict)
+    parameters: int = 0
+    n_images: int = 0
+    test_set: str | None = None
+    reconstructions: str = ""
+    data: str = ""
+    run: str | None = None
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, values: dict) -> RunEvaluation:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})

@@ -13,7 +13,8 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from brainmclip.analysis.common import find_analyses, save_figure, write_analysis  # noqa: E402
-from brainmclip.evaluation.report import write_report  # noqa: E402
+from brainmclip.evaluation.report import ReportRun, write_report  # noqa: E402
+from brainmclip.types import RunEvaluation  # noqa: E402
 
 
 def _analysis(folder, name, value):
@@ -45,7 +46,7 @@ def test_report_section(tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src)
     _analysis(tmp_path / "an" / "rsa", "rsa", 0.25)
     out = tmp_path / "r"
-    write_report(out, [{"subject": 1, "method": "m", "metrics": {"SSIM": 0.5}, "recon_paths": [str(src)]}],
+    write_report(out, [ReportRun(RunEvaluation(1, "m", {"SSIM": 0.5}), recon_paths=[str(src)])],
                  analyses=find_analyses(tmp_path / "an"))
     html = (out / "index.html").read_text()
     assert 'id="analysis-rsa"' in html and "Caption of rsa." in html and "<td>0.25</td>" in html

@@ -101,9 +101,9 @@ def test_end_to_end_with_the_miniature_models(prepared, tmp_path, capsys, fails)
     recon = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in pngs["layer24"]])
     truth = np.stack([np.asarray(test.images[r]) for r in range(3)])
     ref = evaluate_images(recon, truth, metrics=("PixCorr", "SSIM", "CLIP"), clip_model="mini")
-    assert float(rows["layer 24"]["PixCorr"]) == pytest.approx(ref["PixCorr"], abs=1e-4)
-    assert float(rows["layer 24"]["SSIM"]) == pytest.approx(ref["SSIM"], abs=1e-4)
-    assert float(rows["layer 24"]["CLIP 2-way (%)"]) == pytest.approx(100 * ref["CLIP"], abs=0.05)
+    assert float(rows["layer 24"]["PixCorr"]) == pytest.approx(ref.values["PixCorr"], abs=1e-4)
+    assert float(rows["layer 24"]["SSIM"]) == pytest.approx(ref.values["SSIM"], abs=1e-4)
+    assert float(rows["layer 24"]["CLIP 2-way (%)"]) == pytest.approx(100 * ref.values["CLIP"], abs=0.05)
     for r in rows.values():
         # 3 images: each recon wins 0, 1 or 2 of its 2 comparisons, so the mean is a multiple of 1/6
         assert float(r["CLIP 2-way (%)"]) == pytest.approx(100 / 6 * round(float(r["CLIP 2-way (%)"]) * 6 / 100), abs=0.05)

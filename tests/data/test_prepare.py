@@ -64,8 +64,9 @@ def reference(root, subject, sessions, normalize="session", single_trial=False, 
             for r, ts in enumerate(reps):
                 tid[r, : len(ts)] = ts
             out[name] = (x, ids, tid)
-    if normalize == "brain-diffuser":
-        mean, sd = out["train"][0].mean(0), out["train"][0].std(0, ddof=1)
+    if normalize == "brain-diffuser":  # statistics of every non-test row: train and val
+        fit = np.concatenate([out["train"][0], out["val"][0]])
+        mean, sd = fit.mean(0), fit.std(0, ddof=1)
         out = {k: ((x - mean) / sd, i, t) for k, (x, i, t) in out.items()}
     return out
 
@@ -329,3 +330,76 @@ def test_cli_prepare_prints_a_summary(small_tree, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "prepared subject 1" in printed and "brain-diffuser" in printed and "sessions: 1-2" in printed
     shutil.rmtree(out)
+
+
+# ---------------------------------------------------------------- Brain-Diffuser normalisation
+def assert_zscored_with_non_test_rows(zscored, raw):
+    """``zscored`` is ``raw`` z-scored per voxel with the mean and sd (ddof=1) of train and val together."""
+    fit = np.concatenate([raw.train.betas, raw.val.betas]).astype(np.float64)
+    mean, sd = fit.mean(0), fit.std(0, ddof=1)
+    for split in ("train", "val", "test"):
+        np.testing.assert_array_equal(zscored.splits[split].stimulus_ids, raw.splits[split].stimulus_ids)
+        expected = (raw.splits[split].betas.astype(np.float64) - mean) / sd
+        np.testing.assert_allclose(zscored.splits[split].betas, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("single_trial", [False, True])
+def test_brain_diffuser_statistics_use_every_non_test_row(tiny_nsd, tmp_path, single_trial):
+    """Brain-Diffuser z-scores with all its non-test images (it has no validation split): our train + val."""
+    options = dict(sessions=tuple(range(1, 13)), images=False, single_trial=single_trial, val_size=40)
+    raw = prepare_subject(tiny_nsd.root, 1, tmp_path / "none", PrepareOptions(normalize="none", **options),
+                          progress=False)
+    zscored = prepare_subject(tiny_nsd.root, 1, tmp_path / "bd", PrepareOptions(normalize="brain-diffuser", **options),
+                              progress=False)
+    assert len(raw.val) >= 40
+    assert_zscored_with_non_test_rows(zscored, raw)
+
+
+# ---------------------------------------------------------------- every input checked before the first session
+def _replace(path, data: bytes):
+    path.unlink()
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize("case, error, words", [
+    ("coco-captions", FileNotFoundError, ["captions_val2017.json", "missing"]),
+    ("stim-info", FileNotFoundError, ["nsd_stim_info_merged.csv", "missing"]),
+    ("captions-file", FileNotFoundError, ["curated.npy", "missing"]),
+    ("captions-file-garbage", ValueError, ["curated.npy", "not a readable .npy"]),
+    ("stimuli-garbage", ValueError, ["nsd_stimuli.hdf5", "HDF5"]),
+    ("late-betas", FileNotFoundError, ["betas_session30", "missing"]),
+    ("roi", FileNotFoundError, ["floc-words.nii.gz", "missing"]),
+    ("design", ValueError, ["nsd_expdesign.mat", "session 41"]),
+])
+def test_inputs_are_checked_before_the_first_session(linked_tree, tmp_path, monkeypatch, case, error, words):
+    from brainmclip.data import nsd_official
+
+    root = linked_tree
+    kwargs = {"sessions": tuple(range(1, 38))}
+    if case == "coco-captions":
+        nsd_paths.captions_path(root, "val2017").unlink()
+    elif case == "stim-info":
+        nsd_paths.stim_info_path(root).unlink()
+    elif case == "captions-file":
+        kwargs["captions_file"] = str(tmp_path / "curated.npy")
+    elif case == "captions-file-garbage":
+        (tmp_path / "curated.npy").write_bytes(b"not numpy at all")
+        kwargs["captions_file"] = str(tmp_path / "curated.npy")
+    elif case == "stimuli-garbage":
+        _replace(nsd_paths.stimuli_path(root), b"not an HDF5 file")
+    elif case == "late-betas":
+        nsd_paths.betas_path(root, 1, 30).unlink()
+    elif case == "roi":
+        nsd_paths.roi_path(root, 1, "floc-words").unlink()
+    elif case == "design":
+        # Betas for a 41st session exist, but NSD's design plans 40.
+        nsd_paths.betas_path(root, 1, 41).symlink_to(nsd_paths.betas_path(root, 1, 40).resolve())
+        kwargs["sessions"] = (40, 41)
+    read = []
+    monkeypatch.setattr(nsd_official._NiftiGzSession, "read", lambda self, ijk: read.append(self.path) or 1 / 0)
+    out = tmp_path / "o"
+    with pytest.raises(error) as excinfo:
+        prepare_subject(root, 1, out, PrepareOptions(**kwargs), progress=False)
+    text = str(excinfo.value)
+    assert "\n" not in text and all(w in text for w in words), text
+    assert read == [] and not out.exists()

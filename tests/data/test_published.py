@@ -88,9 +88,10 @@ def _trial_lists(nsd, ids, last_session):
     return out
 
 
-def _zscore_with_train(splits):
-    train = splits["train"]
-    mean, sd = train.mean(0), train.std(0, ddof=1)
+def _zscore_with_non_test(splits):
+    """Brain-Diffuser's normalisation: statistics of every non-test row (train and val), sd with ddof=1."""
+    fit = np.concatenate([splits["train"], splits["val"]])
+    mean, sd = fit.mean(0), fit.std(0, ddof=1)
     return {k: (v - mean) / sd for k, v in splits.items()}
 
 
@@ -184,10 +185,10 @@ def bd_dir(nsd, tmp_path_factory):
 def test_brain_diffuser_matches_prepare_subject(nsd, bd_dir, prepared, tmp_path):
     p = prepare_published("brain-diffuser", bd_dir, 1, tmp_path / "o", nsd_root=nsd.root, normalize="brain-diffuser")
     _same_rows(p, prepared("brain-diffuser"))
-    # The independent computation: average, /300, z-score with the train split (val held out).
+    # The independent computation: average, /300, z-score with train and val together.
     ids = _splits(nsd, 37, test=True)
     used = nsd.trials < 37 * nsd.T
-    expected = _zscore_with_train({s: np.stack([nsd.raw[used & (nsd.nsd_ids == i)].mean(0) for i in v]) / 300
+    expected = _zscore_with_non_test({s: np.stack([nsd.raw[used & (nsd.nsd_ids == i)].mean(0) for i in v]) / 300
                                    for s, v in ids.items()})
     for split in SPLITS:
         np.testing.assert_allclose(p.splits[split].betas, expected[split], atol=1e-5)
@@ -330,7 +331,8 @@ def test_rerun_is_a_no_op_other_content_is_refused(nsd, bd_dir, tmp_path):
         prepare_published("brain-diffuser", bd_dir, 1, out, images=False, normalize="brain-diffuser")
     forced = prepare_published("brain-diffuser", bd_dir, 1, out, images=False, normalize="brain-diffuser", force=True)
     assert forced.manifest["options"]["normalize"] == "brain-diffuser"
-    assert abs(float(np.mean(forced.train.betas))) < 1e-4
+    # Zero mean over every non-test row (train and val), not over train alone.
+    assert abs(float(np.mean(np.concatenate([forced.train.betas, forced.val.betas])))) < 1e-4
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
@@ -419,7 +421,7 @@ def test_mindeye1_brain_diffuser_normalisation_without_nsd_root(nsd, me1_dir, tm
     p = prepare_published("mindeye1", me1_dir, 1, tmp_path / "o", normalize="brain-diffuser", images=False)
     ids = _splits(nsd, 37, test=True)
     used = nsd.trials < 37 * nsd.T
-    expected = _zscore_with_train({s: np.stack([nsd.z[used & (nsd.nsd_ids == i)].mean(0) for i in v])
+    expected = _zscore_with_non_test({s: np.stack([nsd.z[used & (nsd.nsd_ids == i)].mean(0) for i in v])
                                    for s, v in ids.items()})
     for split in SPLITS:
         np.testing.assert_allclose(p.splits[split].betas, expected[split], atol=1e-5)
@@ -570,7 +572,7 @@ def test_mindeye2_single_trial_and_no_images(nsd, me2, prepared, tmp_path, caplo
     for split in SPLITS:
         np.testing.assert_array_equal(p.splits[split].stimulus_ids, reference.splits[split].stimulus_ids)
         np.testing.assert_array_equal(p.splits[split].trial_ids, reference.splits[split].trial_ids)
-    expected = _zscore_with_train({s: nsd.z[reference.splits[s].trial_ids[:, 0]] for s in SPLITS})
+    expected = _zscore_with_non_test({s: nsd.z[reference.splits[s].trial_ids[:, 0]] for s in SPLITS})
     for split in SPLITS:
         np.testing.assert_allclose(p.splits[split].betas, expected[split], atol=1e-5)
         assert p.splits[split].images is None
@@ -642,3 +644,79 @@ def test_manifest_options_are_json(nsd, me2, tmp_path):
                                    "detail_voxels": "nsdgeneral", "images": False, "test_set": "new"}
     # fMRI-Detail as all nsdgeneral voxels needs no ROI file.
     assert set(p.voxels.groups) == {"all", "detail"} and len(p.val) == 5
+
+
+# ---------------------------------------------------------------- shared behaviour of the three formats
+@pytest.mark.parametrize("fmt", ["brain-diffuser", "mindeye1", "mindeye2"])
+def test_brain_diffuser_normalisation_uses_every_non_test_row(fmt, request, tmp_path):
+    """z-scored with the mean and sd (ddof=1) of train and val together, as Brain-Diffuser's scripts do."""
+    folder = {"brain-diffuser": lambda: request.getfixturevalue("bd_dir"),
+              "mindeye1": lambda: request.getfixturevalue("me1_dir"),
+              "mindeye2": lambda: request.getfixturevalue("me2").folder}[fmt]()
+    raw = prepare_published(fmt, folder, 1, tmp_path / "none", images=False, val_size=30)
+    zscored = prepare_published(fmt, folder, 1, tmp_path / "bd", images=False, val_size=30, normalize="brain-diffuser")
+    fit = np.concatenate([raw.train.betas, raw.val.betas]).astype(np.float64)
+    mean, sd = fit.mean(0), fit.std(0, ddof=1)
+    assert len(raw.val) == 30
+    for split in SPLITS:
+        expected = (raw.splits[split].betas.astype(np.float64) - mean) / sd
+        np.testing.assert_allclose(zscored.splits[split].betas, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_brain_diffuser_normalisation_needs_two_rows_and_varying_voxels(tmp_path):
+    folder = tmp_path / "subj01"
+    folder.mkdir()
+    betas = np.random.default_rng(0).normal(size=(6, 5))
+    betas[:, 2] = 7.0
+    np.save(folder / "nsd_train_fmriavg_nsdgeneral_sub1.npy", betas)
+    np.save(folder / "nsd_test_fmriavg_nsdgeneral_sub1.npy", betas[:2])
+    with pytest.raises(ValueError) as excinfo:
+        prepare_published("brain-diffuser", folder, 1, tmp_path / "o", images=False, normalize="brain-diffuser")
+    text = _one_line(excinfo)
+    assert "1 voxels are constant" in text and "nsd_train_fmriavg_nsdgeneral_sub1.npy" in text, text
+    np.save(folder / "nsd_train_fmriavg_nsdgeneral_sub1.npy", betas[:1])
+    with pytest.raises(ValueError) as excinfo:
+        prepare_published("brain-diffuser", folder, 1, tmp_path / "o", images=False, normalize="brain-diffuser",
+                          val_size=0)
+    assert "1 non-test rows" in _one_line(excinfo)
+
+
+@pytest.mark.parametrize("case, error, words", [
+    ("mindeye1-coco", FileNotFoundError, ["captions_val2017.json", "missing"]),
+    ("mindeye2-coco", FileNotFoundError, ["captions_val2017.json", "missing"]),
+    ("brain-diffuser-coco", FileNotFoundError, ["captions_val2017.json", "missing"]),
+    ("mindeye2-stimuli", ValueError, ["nsd_stimuli.hdf5", "HDF5"]),
+    ("mindeye1-curated", ValueError, ["COCO_73k_annots_curated.npy", "not a readable .npy"]),
+])
+def test_inputs_are_checked_before_the_first_shard(nsd, me1_dir, me2, linked_tree, tmp_path, monkeypatch, case,
+                                                   error, words):
+    """Captions and stimuli are checked before any shard is opened or any betas are copied."""
+    fmt = case.rsplit("-", 1)[0]
+    root = linked_tree
+    if case.endswith("-coco"):
+        (root / "nsddata_stimuli/stimuli/nsd/annotations/captions_val2017.json").unlink()
+    if case == "mindeye2-stimuli":
+        stimuli = root / "nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5"
+        stimuli.unlink()
+        stimuli.write_bytes(b"not an HDF5 file")
+    folder = tmp_path / "in"
+    if fmt == "brain-diffuser":
+        folder = write_brain_diffuser(folder, nsd, captions=False)
+    else:  # links to the shared inputs, without MindEye2's own image file
+        folder.mkdir()
+        source = me1_dir if fmt == "mindeye1" else me2.folder
+        for path in source.iterdir():
+            if path.name != "coco_images_224_float16.hdf5":
+                (folder / path.name).symlink_to(path)
+    if case == "mindeye1-curated":
+        (folder / "COCO_73k_annots_curated.npy").write_bytes(b"not numpy")
+        root = None
+    opened = []
+    real_open = tarfile.open
+    monkeypatch.setattr(tarfile, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    out = tmp_path / "o"
+    with pytest.raises(error) as excinfo:
+        prepare_published(fmt, folder, 1, out, nsd_root=root)
+    text = _one_line(excinfo)
+    assert all(w in text for w in words), text
+    assert opened == [] and not out.exists()

@@ -6,7 +6,10 @@ import numpy as np
 from scipy import stats
 
 from brainmclip.evaluation.evaluate import bootstrap_ci, format_markdown, paired_tests
-from brainmclip.evaluation.published import METRIC_NAMES, PUBLISHED
+from brainmclip.evaluation.metric_table import METRICS as METRIC_NAMES
+from brainmclip.evaluation.published import PUBLISHED
+from brainmclip.evaluation.retrieval import retrieval_report
+from brainmclip.types import RunEvaluation
 
 
 def test_bootstrap_interval_by_hand():
@@ -34,11 +37,22 @@ def test_paired_wilcoxon_matches_scipy():
 
 def test_markdown_marks_published_and_uncalibrated_rows():
     metrics = {m: 0.5 for m in METRIC_NAMES}
+    rng = np.random.default_rng(0)
+    true = rng.normal(size=(30, 8))
+    retrieval = {"image": retrieval_report(true + rng.normal(size=true.shape), true, n_way=10)}
     report = {"protocol": {"name": "mindeye1"}, "clip_model": "tiny",
-              "runs": [{"subject": 1, "method": "ridge", "metrics": metrics, "uncalibrated": ["SwAV"],
-                        "parameters": 2_000_000}],
+              "runs": [RunEvaluation(1, "ridge", metrics, uncalibrated=["SwAV"], parameters=2_000_000,
+                                     retrieval=retrieval)],
               "mean_over_subjects": {"ridge": metrics}, "published": PUBLISHED}
     text = format_markdown(report)
     assert "| ridge (ours) | 1 | 0.500 | 0.500 | 50.0% | 50.0% | 50.0% | 50.0% | 0.500 | 0.500† | 2.0M |" in text
     assert "*BrainMCLIP (CLIP only)* (published)" in text and "91.8%" in text
     assert "† uncalibrated" in text and "PixCorr ↑" in text and "SwAV ↓" in text
+    # retrieval: both directions named, with the interval definition
+    top1 = retrieval["image"]["top1_n_way"]
+    image, brain = top1["image_retrieval"], top1["brain_retrieval"]
+    row = (f"| ridge | 1 | image | 10 | {100 * image['mean']:.1f}% [{100 * image['ci95_low']:.1f}, "
+           f"{100 * image['ci95_high']:.1f}] | {100 * brain['mean']:.1f}% [{100 * brain['ci95_low']:.1f}, "
+           f"{100 * brain['ci95_high']:.1f}] |")
+    assert row in text
+    assert "image retrieval (brain -> image)" in text and "sd(ddof=1)" in text

@@ -46,7 +46,8 @@ def test_demo_chain_evaluates_and_reports(demo):
         assert set(run["uncalibrated"]) >= {"AlexNet(2)", "AlexNet(5)", "InceptionV3", "EffNet-B", "SwAV"}
         low, high = run["ci95"]["SSIM"]
         assert low <= run["metrics"]["SSIM"] <= high
-        assert run["retrieval"]["image"]["top1"]["n_way"] == 40
+        assert run["retrieval"]["image"]["top1_n_way"]["n_way"] == 40
+        assert not run["reconstructions"].startswith("/") and not run["data"].startswith("/")  # relative to the folder
     assert metrics["paired_tests"]["subj01"] and metrics["published"]
     table = (tmp_path / "evaluation" / "metrics.md").read_text()
     assert "(published)" in table and "†" in table
@@ -58,6 +59,22 @@ def test_demo_chain_evaluates_and_reports(demo):
     # Rebuilding the report from the evaluation folder through the CLI works too.
     assert main(["-q", "report", "--eval", str(tmp_path / "evaluation"), "--out", str(tmp_path / "report2")]) == 0
     assert (tmp_path / "report2" / "index.html").exists()
+
+
+def test_moved_runs_still_evaluate_and_report(demo, tmp_path):
+    """Manifests record paths relative to themselves, so a whole tree can move (or be copied) elsewhere."""
+    import shutil
+
+    moved = tmp_path / "elsewhere" / "demo"
+    shutil.copytree(demo[0], moved, ignore=shutil.ignore_patterns("nsd"))  # the raw NSD tree is not needed
+    recon = moved / "runs" / "subj01" / "ridge" / "reconstructions_test"
+    assert main(["-q", "evaluate", "--recon", str(recon), "--out", str(moved / "eval2"), "--clip", "mini",
+                 "--allow-random-metric-nets", "--bootstrap", "20"]) == 0
+    metrics = json.loads((moved / "eval2" / "metrics.json").read_text())
+    assert metrics["runs"][0]["reconstructions"] == "../runs/subj01/ridge/reconstructions_test"
+    assert main(["-q", "report", "--eval", str(moved / "evaluation"), "--out", str(moved / "report3")]) == 0
+    page = (moved / "report3" / "index.html").read_text()
+    assert "figures/subj01_grid.png" in page
 
 
 def test_evaluate_refuses_missing_weights_without_the_flag(demo, tmp_path, capsys):

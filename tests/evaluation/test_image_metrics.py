@@ -74,9 +74,9 @@ def test_pixcorr_matches_corrcoef(pair):
     out = evaluate_images(recons, truths, metrics=["PixCorr"])
     rec, gt = reference_resize(recons, 256, 425), reference_resize(truths, 256, 425)
     ref = [np.corrcoef(gt[i].numpy().ravel(), rec[i].numpy().ravel())[0, 1] for i in range(len(gt))]
-    np.testing.assert_allclose(out["per_image"]["PixCorr"], ref, rtol=0, atol=1e-6)
-    assert out["PixCorr"] == pytest.approx(np.mean(ref), abs=1e-6)
-    assert set(out) >= {"PixCorr", "per_image", "uncalibrated", "protocol"} and "SSIM" not in out
+    np.testing.assert_allclose(out.per_image["PixCorr"], ref, rtol=0, atol=1e-6)
+    assert out.values["PixCorr"] == pytest.approx(np.mean(ref), abs=1e-6)
+    assert list(out.values) == ["PixCorr"] and list(out.per_image) == ["PixCorr"] and out.n == len(recons)
 
 
 def test_ssim_matches_skimage(pair):
@@ -86,8 +86,8 @@ def test_ssim_matches_skimage(pair):
     gt = rgb2gray(reference_resize(truths, 256, 425).permute(0, 2, 3, 1).double().numpy())
     ref = [structural_similarity(g, r, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
                                  data_range=1.0) for g, r in zip(gt, rec, strict=True)]
-    np.testing.assert_allclose(out["per_image"]["SSIM"], ref, rtol=0, atol=1e-6)
-    assert out["uncalibrated"] == []
+    np.testing.assert_allclose(out.per_image["SSIM"], ref, rtol=0, atol=1e-6)
+    assert list(out.uncalibrated) == []
 
 
 def test_columnwise_ssim_matches_loop_over_columns(pair):
@@ -98,29 +98,54 @@ def test_columnwise_ssim_matches_loop_over_columns(pair):
     kw = dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0)
     ref = [np.mean([structural_similarity(g[:, j], r[:, j], **kw) for j in range(g.shape[1])])
            for g, r in zip(gt[:3], rec[:3], strict=True)]
-    np.testing.assert_allclose(out["per_image"]["SSIM"][:3], ref, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(out.per_image["SSIM"][:3], ref, rtol=0, atol=1e-9)
     # It is a different number from the 2-D SSIM.
-    assert not np.allclose(out["per_image"]["SSIM"], evaluate_images(recons, truths, metrics=["SSIM"])
-                           ["per_image"]["SSIM"], atol=1e-3)
+    assert not np.allclose(out.per_image["SSIM"], evaluate_images(recons, truths, metrics=["SSIM"])
+                           .per_image["SSIM"], atol=1e-3)
     assert ssim_columnwise(gt[0], gt[0]) == pytest.approx(1.0)
 
 
-def test_brain_diffuser_protocol_uses_pil_bilinear_224(pair):
-    recons, truths = pair
+def brain_diffuser_script(recons: np.ndarray, truths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Brain-Diffuser's scripts/evaluate_reconstruction.py pixel steps, transcribed.
+
+    The script opens the reconstruction, ``.resize((425, 425))`` with PIL's default filter, keeps the
+    425 px ground truth as it is, divides both by 255, takes ``np.corrcoef`` of the flattened arrays and
+    calls ``ssim(rgb2gray(gen), rgb2gray(gt), multichannel=True, ...)``; scikit-image 0.17's
+    ``multichannel=True`` is today's ``channel_axis=-1``, which on a 2-D image makes each column a channel.
+    """
+    pixcorr, ssim = [], []
+    for rec, gt in zip(recons, truths, strict=True):
+        gen = np.array(Image.fromarray(rec).resize((gt.shape[1], gt.shape[0]))) / 255.0
+        gt = gt / 255.0
+        pixcorr.append(np.corrcoef(gt.reshape(1, -1), gen.reshape(1, -1))[0, 1])
+        ssim.append(structural_similarity(rgb2gray(gen), rgb2gray(gt), channel_axis=-1, gaussian_weights=True,
+                                          sigma=1.5, use_sample_covariance=False, data_range=1.0))
+    return np.array(pixcorr), np.array(ssim)
+
+
+@pytest.mark.parametrize(("truth_size", "recon_size"), [(425, 512), (96, 64), (64, 64)])
+def test_brain_diffuser_protocol_matches_its_script(truth_size, recon_size):
+    truths = smooth_images(3, truth_size, seed=4)
+    recons = noisy(smooth_images(3, recon_size, seed=4), seed=5)
     protocol = MetricProtocol(name="brain-diffuser")
-    assert (protocol.first_size, protocol.pixel_size, protocol.resize) == (224, 224, "pil")
+    assert (protocol.pixels, protocol.ssim) == ("truth-native", "columnwise")
     out = evaluate_images(recons, truths, metrics=["PixCorr", "SSIM"], protocol=protocol)
+    ref_r, ref_s = brain_diffuser_script(recons, truths)
+    np.testing.assert_allclose(out.per_image["PixCorr"], ref_r, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out.per_image["SSIM"], ref_s, rtol=0, atol=1e-6)
+    assert out.protocol["name"] == "brain-diffuser"
 
-    def pil(images):
-        return np.stack([np.asarray(Image.fromarray(im).resize((224, 224), Image.BILINEAR)) / 255.0 for im in images])
 
-    rec, gt = pil(recons), pil(truths)
-    ref_r = [np.corrcoef(g.ravel(), r.ravel())[0, 1] for g, r in zip(gt, rec, strict=True)]
-    ref_s = [structural_similarity(rgb2gray(g), rgb2gray(r), gaussian_weights=True, sigma=1.5,
-                                   use_sample_covariance=False, data_range=1.0) for g, r in zip(gt, rec, strict=True)]
-    np.testing.assert_allclose(out["per_image"]["PixCorr"], ref_r, atol=1e-6)
-    np.testing.assert_allclose(out["per_image"]["SSIM"], ref_s, atol=1e-6)
-    assert out["protocol"]["name"] == "brain-diffuser"
+def test_brain_diffuser_network_inputs_match_its_feature_script():
+    """eval_extract_features.py: ``T.functional.resize(PIL image, (224, 224))`` then ``to_tensor``, per image."""
+    from torchvision.transforms import functional as TV
+
+    from brainmclip.evaluation.image_metrics import first_resize
+
+    images = noisy(smooth_images(2, 425, seed=6), seed=7)
+    ours = first_resize(images, MetricProtocol(name="brain-diffuser"))
+    ref = torch.stack([TV.to_tensor(TV.resize(Image.fromarray(im), [224, 224])) for im in images])
+    np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=0, atol=1e-6)
 
 
 # -- identification and distances ---------------------------------------------------------------------
@@ -169,17 +194,17 @@ def test_correlation_distance_matches_scipy():
 def test_identical_images_score_perfectly(nets):
     truths = smooth_images(5, 64, seed=4)
     out = evaluate_images(truths, truths, clip_model="tiny", networks=nets, batch_size=3)
-    assert out["PixCorr"] == pytest.approx(1.0, abs=1e-9)
-    assert out["SSIM"] == pytest.approx(1.0, abs=1e-9)
+    assert out.values["PixCorr"] == pytest.approx(1.0, abs=1e-9)
+    assert out.values["SSIM"] == pytest.approx(1.0, abs=1e-9)
     for metric in ("AlexNet(2)", "AlexNet(5)", "InceptionV3", "CLIP"):
-        assert out[metric] == 1.0, metric
-        np.testing.assert_array_equal(out["per_image"][metric], np.ones(5))
+        assert out.values[metric] == 1.0, metric
+        np.testing.assert_array_equal(out.per_image[metric], np.ones(5))
     for metric in ("EffNet-B", "SwAV"):
-        assert out[metric] == pytest.approx(0.0, abs=1e-9), metric
-    assert set(METRICS) <= set(out) and set(out["per_image"]) == set(METRICS)
-    assert all(out["per_image"][m].shape == (5,) for m in METRICS)
-    assert sorted(out["uncalibrated"]) == sorted(METRICS[2:])
-    assert out["protocol"]["name"] == "mindeye1" and out["protocol"]["pixel_size"] == 425
+        assert out.values[metric] == pytest.approx(0.0, abs=1e-9), metric
+    assert list(out.values) == list(METRICS) and list(out.per_image) == list(METRICS)
+    assert all(out.per_image[m].shape == (5,) for m in METRICS)
+    assert sorted(list(out.uncalibrated)) == sorted(METRICS[2:])
+    assert out.protocol["name"] == "mindeye1" and out.protocol["pixel_size"] == 425
 
 
 def test_truth_cache_reuses_ground_truth_features_only_for_the_same_images(nets, pair):
@@ -191,16 +216,16 @@ def test_truth_cache_reuses_ground_truth_features_only_for_the_same_images(nets,
     second = evaluate_images(other, truths, clip_model="tiny", networks=nets, batch_size=4, truth_cache=cache)
     assert len(cache) == 1  # same truths: one entry, reused
     for m in METRICS:
-        np.testing.assert_allclose(first["per_image"][m], plain["per_image"][m], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(first.per_image[m], plain.per_image[m], rtol=0, atol=1e-12)
     reference = evaluate_images(other, truths, clip_model="tiny", networks=nets, batch_size=4)
     for m in METRICS:
-        np.testing.assert_allclose(second["per_image"][m], reference["per_image"][m], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(second.per_image[m], reference.per_image[m], rtol=0, atol=1e-6)
     # The entry really is what the second call used: spoil it and the network scores change.
     (entry,) = cache.values()
     for m in entry:
         entry[m] = entry[m].flip(0)
     spoiled = evaluate_images(other, truths, clip_model="tiny", networks=nets, batch_size=4, truth_cache=cache)
-    assert spoiled["EffNet-B"] != pytest.approx(second["EffNet-B"])
+    assert spoiled.values["EffNet-B"] != pytest.approx(second.values["EffNet-B"])
     # Other truths get their own entry.
     evaluate_images(other, truths[::-1].copy(), clip_model="tiny", networks=nets, batch_size=4, truth_cache=cache)
     assert len(cache) == 2
@@ -222,7 +247,7 @@ def test_network_metrics_match_reference_features(nets, pair):
     with torch.no_grad():
         for metric, stop in (("AlexNet(2)", 5), ("AlexNet(5)", 12)):
             f = [alex.features[:stop]((x - mean) / std).flatten(1).double().numpy() for x in (gt, rec)]
-            np.testing.assert_allclose(out["per_image"][metric], brute_two_way(*f), atol=1e-12)
+            np.testing.assert_allclose(out.per_image[metric], brute_two_way(*f), atol=1e-12)
 
     # SwAV at 64 px from the 96 px floats of the first resize (not re-quantised in between).
     with torch.no_grad():
@@ -230,8 +255,8 @@ def test_network_metrics_match_reference_features(nets, pair):
         f = [body((TF.resize(x, [64, 64], antialias=False) - mean) / std).flatten(1).double().numpy()
              for x in (gt, rec)]
     ref = [scipy_correlation(g, r) for g, r in zip(*f, strict=True)]
-    np.testing.assert_allclose(out["per_image"]["SwAV"], ref, atol=1e-5)
-    assert out["uncalibrated"] == ["AlexNet(2)", "AlexNet(5)", "SwAV"]
+    np.testing.assert_allclose(out.per_image["SwAV"], ref, atol=1e-5)
+    assert list(out.uncalibrated) == ["AlexNet(2)", "AlexNet(5)", "SwAV"]
 
 
 def test_missing_weights_raise_naming_network(tmp_path, monkeypatch, pair):
@@ -247,7 +272,7 @@ def test_missing_weights_raise_naming_network(tmp_path, monkeypatch, pair):
         evaluate_images(recons, truths, metrics=["CLIP"], clip_model=str(tmp_path / "no-such-clip"))
     out = evaluate_images(recons, truths, metrics=["CLIP"], clip_model=str(tmp_path / "no-such-clip"),
                           allow_random=True)
-    assert out["uncalibrated"] == ["CLIP"]
+    assert list(out.uncalibrated) == ["CLIP"]
 
 
 def test_local_weights_are_loaded_and_calibrated(tmp_path, monkeypatch):
@@ -265,14 +290,14 @@ def test_local_weights_are_loaded_and_calibrated(tmp_path, monkeypatch):
     truths = smooth_images(4, 64, seed=5)
     recons = noisy(truths, seed=6)
     out = evaluate_images(recons, truths, metrics=["SwAV"], networks=nets, protocol=SMALL)
-    assert out["uncalibrated"] == []
+    assert list(out.uncalibrated) == []
     mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
     std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     body = torch.nn.Sequential(*list(resnet.children())[:-1])
     with torch.no_grad():
         f = [body((reference_resize(x, 96, 64) - mean) / std).flatten(1).double().numpy() for x in (truths, recons)]
     ref = [scipy_correlation(g, r) for g, r in zip(*f, strict=True)]
-    np.testing.assert_allclose(out["per_image"]["SwAV"], ref, atol=1e-5)
+    np.testing.assert_allclose(out.per_image["SwAV"], ref, atol=1e-5)
 
 
 def test_input_validation(pair):

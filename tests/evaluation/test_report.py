@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from brainmclip.evaluation.report import format_metric, read_tensorboard_scalars, write_report
+from brainmclip.evaluation.report import ReportRun, format_metric, read_tensorboard_scalars, write_report
+from brainmclip.evaluation.retrieval import retrieval_report
+from brainmclip.types import RunEvaluation
 
 METHODS = ("brainmclip", "ridge")
 
@@ -80,7 +82,14 @@ def _metrics(shift: float) -> dict:
             "AlexNet(5)": 0.9701, "InceptionV3": 0.9456, "CLIP": 0.9518 - shift, "EffNet-B": 0.6431, "SwAV": 0.3544}
 
 
-def synthetic_runs(tmp_path: Path, n_images: int = 9) -> list[dict]:
+def _retrieval(seed: int, noise: float) -> dict:
+    """A real retrieval report of noisy copies of random embeddings (n = 40, 20-way)."""
+    rng = np.random.default_rng(seed)
+    true = rng.normal(size=(40, 16))
+    return {"image": retrieval_report(true + noise * rng.normal(size=true.shape), true, n_way=20, n_repeats=30)}
+
+
+def synthetic_runs(tmp_path: Path, n_images: int = 9) -> list[ReportRun]:
     src = tmp_path / "inputs"
     src.mkdir()
     runs = []
@@ -91,25 +100,25 @@ def synthetic_runs(tmp_path: Path, n_images: int = 9) -> list[dict]:
             recon = [_png(src / f"s{subject}_{method}_{i}.png", 1000 * subject + i + 100 * (m + 1)) for i in range(n_images)]
             shift = 0.01 * subject + 0.05 * m
             metrics = _metrics(shift)
-            run = {
-                "subject": subject, "method": method, "metrics": metrics,
-                "ci95": {k: [v - 0.0123, v + 0.0234] for k, v in metrics.items()},
-                "uncalibrated": ["InceptionV3"] if method == "brainmclip" else [],
-                "retrieval": {"image_top1": 0.875 - shift, "brain_top1": 0.8125, "n_way": 300},
-                "recon_paths": [str(p) for p in recon],
-                "protocol": {"name": "mindeye1", "image_size": 425, "clip_model": "openai/clip-vit-large-patch14"},
-                "data": {"test_set": "old", "n_images": n_images, "preset": "tiny"},
-            }
+            evaluation = RunEvaluation(
+                subject=subject, method=method, metrics=metrics,
+                ci95={k: [v - 0.0123, v + 0.0234] for k, v in metrics.items()},
+                uncalibrated=["InceptionV3"] if method == "brainmclip" else [],
+                retrieval=_retrieval(subject, 0.8 + m), parameters=12_345_678)
+            run = ReportRun(
+                evaluation, recon_paths=[str(p) for p in recon],
+                protocol={"name": "mindeye1", "image_size": 425, "clip_model": "openai/clip-vit-large-patch14"},
+                data={"test_set": "old", "n_images": n_images, "preset": "tiny"})
             # one subject gives ground truth as paths, the other as an array
             if subject == 1:
-                run["truth_paths"] = [str(p) for p in truth]
+                run.truth_paths = [str(p) for p in truth]
             else:
-                run["truth_images"] = truth_images
+                run.truth_images = truth_images
             if method == "brainmclip":
-                run["curves"] = {"train/total": [(s, 2.0 / (1 + s)) for s in range(0, 200, 10)],
-                                 "val/loss": [(s, 2.2 / (1 + s) + 0.05) for s in range(0, 200, 50)]}
+                run.curves = {"train/total": [(s, 2.0 / (1 + s)) for s in range(0, 200, 10)],
+                              "val/loss": [(s, 2.2 / (1 + s) + 0.05) for s in range(0, 200, 50)]}
             else:
-                run["curves"] = {"train/total": [(s, 1.8 / (1 + s)) for s in range(0, 200, 10)]}
+                run.curves = {"train/total": [(s, 1.8 / (1 + s)) for s in range(0, 200, 10)]}
             runs.append(run)
     return runs
 
@@ -186,7 +195,16 @@ def test_report_structure_and_numbers(report):
 
     # dagger legend, retrieval, curves, protocol/data
     assert 'id="dagger-legend"' in page and "uncalibrated" in page
-    assert "image retrieval top-1" in cells and "86.5%" in cells and "81.2%" in cells
+    top1 = _retrieval(1, 0.8)["image"]["top1_n_way"]
+    image, brain = top1["image_retrieval"], top1["brain_retrieval"]
+    assert image["mean"] != brain["mean"]  # the two directions are told apart
+    assert any(c.startswith("image retrieval top-1") and "brain → image" in c for c in cells)
+    assert any(c.startswith("brain retrieval top-1") and "image → brain" in c for c in cells)
+    row = cells[cells.index("image") - 2:]  # first retrieval row: subject 1, brainmclip
+    assert row[:5] == ["brainmclip", "1", "image", "20", f"{100 * image['mean']:.1f}%"
+                       f"[{100 * image['ci95_low']:.1f}–{100 * image['ci95_high']:.1f}]"]
+    assert row[5].startswith(f"{100 * brain['mean']:.1f}%")
+    assert "sd(ddof=1)" in page and "MindEye1's code names these two directions the other way round" in page
     assert "mindeye1" in page and "old" in page and "preset" in page
 
 
@@ -215,7 +233,7 @@ def test_failure_leaves_previous_report(tmp_path):
     out = tmp_path / "r"
     write_report(out, runs)
     before = (out / "index.html").read_text()
-    broken = [dict(runs[0], recon_paths=[str(tmp_path / "missing.png")])]
+    broken = [ReportRun(runs[0].evaluation, recon_paths=[str(tmp_path / "missing.png")])]
     with pytest.raises(FileNotFoundError, match="missing.png"):
         write_report(out, broken)
     assert (out / "index.html").read_text() == before
@@ -226,14 +244,16 @@ def test_minimal_run_without_optional_fields(tmp_path):
     src = tmp_path / "a.png"
     _png(src, 0)
     out = tmp_path / "r"
-    write_report(out, [{"subject": 3, "method": "m", "metrics": {"SSIM": 0.5}, "recon_paths": [str(src)],
-                        "parameters": 12_345_678}])
+    write_report(out, [ReportRun(RunEvaluation(3, "m", {"SSIM": 0.5}, parameters=12_345_678),
+                                 recon_paths=[str(src)])])
     parsed = parse((out / "index.html").read_text())
     assert parsed.images == ["figures/subj03_grid.png"]
     assert "0.500" in parsed.cells and "12.3M" in parsed.cells and "published" not in parsed.tbody_classes
     assert 'id="dagger-legend"' not in (out / "index.html").read_text()
     with pytest.raises(ValueError, match="twice"):
-        write_report(out, [{"subject": 3, "method": "m"}, {"subject": 3, "method": "m"}])
+        write_report(out, [ReportRun(RunEvaluation(3, "m", {})), ReportRun(RunEvaluation(3, "m", {}))])
+    with pytest.raises(ValueError, match="expected a ReportRun"):
+        write_report(out, [{"subject": 3, "method": "m"}])
 
 
 def test_read_tensorboard_scalars(tmp_path):

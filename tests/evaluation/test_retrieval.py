@@ -203,3 +203,42 @@ def test_retrieval_report(noisy_pairs):
     assert noisy["top1_n_way"] == top1_n_way(similarity_matrix(brain, images), n_way=20, n_repeats=5, seed=0)
     with pytest.raises(ValueError):
         retrieval_report(brain[:5], images)
+
+
+def test_pairwise_identification_by_hand():
+    from brainmclip.evaluation.retrieval import pairwise_identification
+
+    # rows: item 0 beats both others, item 1 beats one and ties one, item 2 beats none
+    sim = np.array([[0.9, 0.1, 0.2],
+                    [0.5, 0.5, 0.1],
+                    [0.8, 0.7, 0.3]])
+    assert pairwise_identification(sim) == pytest.approx((2 + 1.5 + 0) / 3 / 2)
+    with pytest.raises(ValueError, match="at least 2"):
+        pairwise_identification(np.ones((1, 1)))
+
+
+def test_decoded_retrieval_scores_each_embedding_against_its_target():
+    from types import SimpleNamespace
+
+    from brainmclip.evaluation.retrieval import DIRECTIONS, decoded_retrieval
+
+    rng = np.random.default_rng(5)
+    ids = np.array([7, 3, 11, 5, 2, 9])
+    semantic, detail, text = (rng.normal(size=(len(ids), 4, 3)).astype(np.float32) for _ in range(3))
+
+    class Store:
+        def get(self, wanted, fields):
+            assert list(wanted) == list(ids)
+            return {k: v for k, v in (("image_semantic", semantic), ("image_detail", detail), ("text", text))
+                    if k in fields}
+
+    image_pred = (semantic + detail) / 2 + 0.3 * rng.normal(size=semantic.shape).astype(np.float32)
+    pred = SimpleNamespace(stimulus_ids=ids, image=image_pred, text=None)
+    out = decoded_retrieval(pred, Store(), n_way=300, n_repeats=4)
+    assert set(out) == {"image"}
+    expected = retrieval_report(image_pred, (semantic + detail) / 2, n_way=len(ids), n_repeats=4)
+    assert out["image"]["top1_n_way"]["image_retrieval"] == expected["top1_n_way"]["image_retrieval"]
+    assert out["image"]["top1_n_way"]["n_way"] == len(ids)  # clipped to the test items
+    assert out["image"]["top1_n_way"]["directions"] == DIRECTIONS
+    both = decoded_retrieval(SimpleNamespace(stimulus_ids=ids, image=image_pred, text=text), Store(), n_repeats=2)
+    assert both["text"]["recall_at_k"]["image_retrieval"]["recall@1"] == 1.0  # text equals its target

@@ -97,11 +97,13 @@ def test_training_command_runs_and_resumes(tmp_path):
     stages = [{"vision_layers": 6, "steps": 2, "lr": 0.002, "warmup_steps": 1},
               {"vision_layers": 24, "steps": 2, "lr": 0.0005, "warmup_steps": 1}]
     args = ["-q", "miniature", "train", "clip", "--out", str(tmp_path / "clip"), "--set",
-            f"train.stages={json.dumps(stages)}", "--set", "bank.n_scenes=200", "--set", "train.batch_size=16"]
+            f"train.stages={json.dumps(stages)}", "--set", "bank.n_scenes=200", "--set", "train.batch_size=16",
+            "--quality-scenes", "20"]
     assert main(args) == 0
     folder = tmp_path / "clip" / "model"
     card = json.loads((folder / "model_card.json").read_text())
     assert card["seed"] == 0 and set(card["checksums"]) >= {"model.safetensors", "vocab.json", "merges.txt"}
+    assert card["quality"]["heldout_scenes"] == 20 and "image_to_caption_top1_of_20" in card["quality"]
     towers = load_clip(str(folder))
     assert towers.n_vision_layers == 24 and towers.n_image_tokens == 65 and towers.context_length == 32
     # the rerun finds both stages finished and only exports again

@@ -63,7 +63,7 @@ def tiny_clip(tmp_path_factory):
     stages = [{"vision_layers": 6, "steps": 1, "lr": 0.002, "warmup_steps": 1},
               {"vision_layers": 24, "steps": 1, "lr": 0.0005, "warmup_steps": 1}]
     assert main(["-q", "miniature", "train", "clip", "--out", str(out), "--set", f"train.stages={json.dumps(stages)}",
-                 "--set", "bank.n_scenes=100", "--set", "train.batch_size=16"]) == 0
+                 "--set", "bank.n_scenes=100", "--set", "train.batch_size=16", "--quality-scenes", "10"]) == 0
     return out / "model"
 
 
@@ -74,7 +74,7 @@ def test_vd_and_sd_training_commands_export_loadable_folders(tiny_clip, tmp_path
     from brainmclip.generation.versatile_diffusion import load_versatile_diffusion
 
     small = ["--set", "bank.n_scenes=64", "--set", "unet.steps=2", "--set", "unet.batch_size=4",
-             "--set", "unet.warmup_steps=1"]
+             "--set", "unet.warmup_steps=1", "--quality-scenes", "4"]
     vd_args = ["-q", "miniature", "train", "vd", "--clip", str(tiny_clip), "--out", str(tmp_path / "vd"), *small,
                "--set", "vae.steps=2", "--set", "vae.batch_size=4", "--set", "vae.warmup_steps=1"]
     assert main(vd_args) == 0
@@ -84,6 +84,7 @@ def test_vd_and_sd_training_commands_export_loadable_folders(tiny_clip, tmp_path
     card = json.loads((folder / "model_card.json").read_text())
     assert card["config"]["clip"]["checksums"]  # which mini-CLIP the conditions came from
     assert set(card["quality"]) >= {"clip_two_way", "category_agreement", "pixcorr"}
+    assert card["quality"]["heldout_scenes"] == 4  # the card says how many scenes its figures rest on
     vd = load_versatile_diffusion(str(folder))
     images = vd.generate(np.zeros((1, 65, 64), np.float32), np.zeros((1, 32, 64), np.float32), num_inference_steps=2)
     assert images.shape == (1, 64, 64, 3) and images.dtype == np.uint8

@@ -217,7 +217,7 @@ def load_pngs(paths: Sequence[Path]) -> np.ndarray:
     return np.stack(images)
 
 
-def score_images(recons: np.ndarray, truths: np.ndarray, networks: dict, truth_cache: dict | None = None) -> dict:
+def score_images(recons: np.ndarray, truths: np.ndarray, networks: dict, truth_cache: dict | None = None):
     """PixCorr, SSIM and CLIP 2-way identification (the project's metric code, MindEye1 protocol)."""
     from brainmclip.evaluation.image_metrics import evaluate_images
 
@@ -343,11 +343,12 @@ def run(args) -> str:
     for cond in conditions:
         recons[cond.key] = load_pngs(paths[cond.key])
         results[cond.key] = score_images(recons[cond.key], truths, networks, truth_cache)
-    uncalibrated = sorted({m for r in results.values() for m in r["uncalibrated"]})
+    uncalibrated = sorted({m for r in results.values() for m in r.uncalibrated})
 
     rows = [{"condition": c.label, "layers": range_label(c.layers) + (f" + {last}" if c.fused else ""),
-             "n_images": len(ids), "PixCorr": round(results[c.key]["PixCorr"], 4),
-             "SSIM": round(results[c.key]["SSIM"], 4), "CLIP 2-way (%)": round(100 * results[c.key]["CLIP"], 1)}
+             "n_images": len(ids), "PixCorr": round(results[c.key].values["PixCorr"], 4),
+             "SSIM": round(results[c.key].values["SSIM"], 4),
+             "CLIP 2-way (%)": round(100 * results[c.key].values["CLIP"], 1)}
             for c in conditions]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
@@ -355,10 +356,10 @@ def run(args) -> str:
     writer.writerows(rows)
     write_bytes_atomic(out / "metrics.csv", buffer.getvalue().encode())
     _save_npz(out / "per_image.npz", stimulus_ids=ids,
-              **{f"{c.key}__{m}": results[c.key]["per_image"][m] for c in conditions for m in SCORED})
+              **{f"{c.key}__{m}": results[c.key].per_image[m] for c in conditions for m in SCORED})
 
     show = min(args.show, len(ids))
-    _figure(out / "figure.png", truths[:show], [(c, recons[c.key][:show], results[c.key]) for c in conditions],
+    _figure(out / "figure.png", truths[:show], [(c, recons[c.key][:show], results[c.key].values) for c in conditions],
             ids[:show], prepared.subject)
     world = _world_note(args.clip, args.generator)
     caption = (f"Subject {prepared.subject}: the first {len(ids)} test images (first row, {show} shown) reconstructed "
@@ -374,8 +375,8 @@ def run(args) -> str:
                    caption, rows, {**settings, "layers": [range_label(k) for k in layers],
                                    "ranges": [range_label(r) for r in ranges],
                                    "fused": range_label(fused) if fused else None, "n_images": len(ids),
-                                   "stimulus_ids": ids.tolist(), "metric_networks": results[conditions[0].key][
-                                       "networks"], "uncalibrated": uncalibrated,
+                                   "stimulus_ids": ids.tolist(), "metric_networks": results[conditions[0].key].networks,
+                                   "uncalibrated": uncalibrated,
                                    "seconds": round(time.perf_counter() - start, 1)})
     lines = [f"gt-layers: {len(conditions)} conditions x {len(ids)} test images of subject {prepared.subject} -> {out}"]
     lines += [f"  {r['condition']:<22} PixCorr {r['PixCorr']:.3f}  SSIM {r['SSIM']:.3f}  "

@@ -293,8 +293,8 @@ class _Reconstructor:
         for name, conditions in (("recon", decoded), ("recon_true", true)):
             result = score_images(self._images(conditions, folder / name), self.truths, self._networks,
                                   self.truth_cache)
-            out[name] = {m: result[m] for m in ("PixCorr", "SSIM", "CLIP")}
-            out["uncalibrated"] = result["uncalibrated"]
+            out[name] = {m: result.values[m] for m in ("PixCorr", "SSIM", "CLIP")}
+            out["uncalibrated"] = list(result.uncalibrated)
         out["recon_ids"] = [int(i) for i in self.ids]
         return out
 

@@ -74,7 +74,8 @@ class ExpDesign:
         return self.subjectim[check_subject(subject) - 1, self.masterordering]
 
     def is_test_trial(self) -> np.ndarray:
-        """SPEC section 2: a trial is test iff its 1-based masterordering is <= n_shared."""
+        """A trial is test iff its 1-based masterordering is <= n_shared: the images all subjects saw (NSD's
+        shared 1000) form the test set."""
         return self.masterordering < self.n_shared
 
 

@@ -1,15 +1,16 @@
 """``prepare_subject``: official NSD files (or the simulated tree) to a prepared subject dataset.
 
-Per session: read the betas of the nsdgeneral voxels volume by volume, check them,
-normalise them and keep the result in ``.work/`` (this is what makes an interrupted run
-resume per session). Then assemble the splits, average repeats (unless single-trial),
-copy the stimuli and captions, and commit. Memory holds one session plus one volume;
-the outputs are filled through memory maps.
+First every input the run needs is checked (design, ROI files, each session's betas
+header, stimuli, caption files), so a missing or unreadable file fails before the first
+session is read. Per session: read the betas of the nsdgeneral voxels volume by volume,
+check them, normalise them and keep the result in ``.work/`` (this is what makes an
+interrupted run resume per session). Then assemble the splits, average repeats (unless
+single-trial), copy the stimuli and captions, and commit. Memory holds one session plus
+one volume; the outputs are filled through memory maps.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -19,13 +20,23 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
-import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
 from brainmclip import __version__
 from brainmclip.atomic import atomic_path, remove_stale_temporaries
 from brainmclip.data import nsd_paths
+from brainmclip.data.build_common import (
+    check_curated_captions,
+    check_ids,
+    check_nsd_stimuli,
+    check_out,
+    coco_caption_files,
+    copy_nsd_stimuli,
+    file_identity,
+    nsd_voxels,
+    zscore_with_non_test,
+)
 from brainmclip.data.nsd_official import (
     ExpDesign,
     available_sessions,
@@ -33,11 +44,11 @@ from brainmclip.data.nsd_official import (
     read_coco_captions,
     read_curated_captions,
     read_expdesign,
-    read_roi_volume,
     read_stim_info,
 )
-from brainmclip.data.nsd_paths import NSD_SESSIONS_PER_SUBJECT, ROI_NAMES, check_subject
+from brainmclip.data.nsd_paths import NSD_SESSIONS_PER_SUBJECT, check_subject
 from brainmclip.data.prepared import PREPARED_FORMAT, PreparedSubject, PreparedWriter, VoxelSet, load_prepared
+from brainmclip.paths import record_path
 
 __all__ = ["PrepareOptions", "prepare_subject", "NORMALIZATIONS", "TEST_SETS", "session_plan"]
 
@@ -49,8 +60,6 @@ TEST_SETS = ("old", "new")
 OLD_TEST_SET_SESSIONS = 37
 # MindDiffuser's validation slice: the last 859 of 8859 training images.
 DEFAULT_VAL_FRACTION = 859 / 8859
-# Inputs larger than this are identified by size + mtime unless full hashing is asked for.
-_HASH_LIMIT = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -69,8 +78,10 @@ class PrepareOptions:
     normalize : {'session', 'brain-diffuser', 'none'}
         'session' (default, leakage-safe): z-score each voxel per session with that
         session's train trials, then average repeats. 'brain-diffuser': percent signal
-        change, average, then z-score each voxel with the train split's mean and sd
-        (ddof=1). 'none': percent signal change, averaged.
+        change, average, then z-score each voxel of every split with the mean and sd
+        (ddof=1) of all non-test rows, train and val together (Brain-Diffuser fits them on
+        all its training images and has no validation split). 'none': percent signal
+        change, averaged.
     single_trial : bool
         Keep repeats as separate rows (train on trials, average model outputs at test).
     val_size : int, optional
@@ -147,24 +158,18 @@ def session_plan(design: ExpDesign, subject: int, sessions: list[int], val_size:
     return plan
 
 
-def _file_identity(path: Path, full_hash: bool) -> dict:
-    stat = path.stat()
-    if full_hash or stat.st_size <= _HASH_LIMIT:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(2**22), b""):
-                digest.update(block)
-        return {"bytes": stat.st_size, "sha256": digest.hexdigest()}
-    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
-def _choose_sessions(root: Path, subject: int, options: PrepareOptions) -> list[int]:
+def _choose_sessions(root: Path, subject: int, options: PrepareOptions, design: ExpDesign) -> list[int]:
+    """The requested sessions, each planned by the design and present as a betas file."""
     completed = NSD_SESSIONS_PER_SUBJECT[subject - 1]
     if options.sessions:
         wanted = sorted(set(options.sessions))
     else:
         last = min(OLD_TEST_SET_SESSIONS, completed) if options.test_set == "old" else completed
         wanted = list(range(1, last + 1))
+    planned = len(design.masterordering) // design.trials_per_session
+    if wanted[-1] > planned:
+        raise ValueError(f"{nsd_paths.expdesign_path(root)}: the design plans sessions 1-{planned}; session "
+                         f"{wanted[-1]} was requested; choose sessions with --sessions")
     found = available_sessions(root, subject, options.betas_version)
     missing = [s for s in wanted if s not in found]
     if missing:
@@ -179,25 +184,6 @@ def _short(values) -> str:
     from brainmclip.data.prepared import _ranges
 
     return _ranges(list(values))
-
-
-def _voxels(root: Path, subject: int, detail: str) -> tuple[VoxelSet, dict[str, Path]]:
-    labels, paths = {}, {}
-    nsdgeneral, affine = read_roi_volume(root, subject, "nsdgeneral")
-    grid = nsdgeneral.shape
-    mask = nsdgeneral > 0
-    if not mask.any():
-        raise ValueError(f"{nsd_paths.roi_path(root, subject, 'nsdgeneral')}: no voxel labelled > 0")
-    ijk = np.argwhere(mask)  # C order on (X, Y, Z): the order every NSD pipeline uses
-    for roi in ROI_NAMES:
-        volume, roi_affine = (nsdgeneral, affine) if roi == "nsdgeneral" else read_roi_volume(root, subject, roi)
-        path = nsd_paths.roi_path(root, subject, roi)
-        paths[roi] = path
-        if volume.shape != grid or not np.allclose(roi_affine, affine, atol=1e-3):
-            raise ValueError(f"{path}: grid {volume.shape} does not match nsdgeneral's {grid} (or its affine); "
-                             "expected ROI files of the same func1pt8mm space")
-        labels[roi] = np.clip(volume[mask], 0, None).astype(np.int16)
-    return VoxelSet.from_rois(grid, ijk, labels, detail), paths
 
 
 def prepare_subject(nsd_root, subject: int, out_dir, options: PrepareOptions | None = None, force: bool = False,
@@ -215,10 +201,11 @@ def prepare_subject(nsd_root, subject: int, out_dir, options: PrepareOptions | N
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: NSD root folder not found")
 
-    # 1. Inputs: design, voxels, sessions, and their identities.
+    # 1. Inputs: design, voxels, sessions, stimuli, captions, and their identities. Every file
+    # the run reads is checked here, so that none is found missing after hours of sessions.
     design = read_expdesign(root)
-    voxels, roi_paths = _voxels(root, subject, options.detail_voxels)
-    sessions = _choose_sessions(root, subject, options)
+    voxels, roi_paths = nsd_voxels(root, subject, options.detail_voxels)
+    sessions = _choose_sessions(root, subject, options, design)
     plan = session_plan(design, subject, sessions, options.val_size)
     stimuli = nsd_paths.stimuli_path(root)
     # Open every session's header first: a wrong grid or trial count fails before any work.
@@ -228,19 +215,20 @@ def prepare_subject(nsd_root, subject: int, out_dir, options: PrepareOptions | N
         _check_trial_count(reader, plan, root)
         betas_paths[s] = reader.path
     inputs = [nsd_paths.expdesign_path(root), *roi_paths.values(), *betas_paths.values()]
+    used_ids = np.unique(np.concatenate(list(plan.split_images.values())))
     if options.images:
-        if not stimuli.is_file():
-            raise FileNotFoundError(f"{stimuli}: missing (NSD stimuli); prepare with --no-images to skip them")
+        check_nsd_stimuli(stimuli, used_ids)
         inputs.append(stimuli)
+    captions = _captions(root, options, used_ids)
     if options.captions_file:
         inputs.append(Path(options.captions_file))
     else:
         inputs.append(nsd_paths.stim_info_path(root))
     identity = {"subject": subject, "options": options.identity(), "code_version": __version__,
-                "inputs": {_rel(p, root): _file_identity(p, options.full_hash) for p in inputs}}
+                "inputs": {_rel(p, root): file_identity(p, options.full_hash) for p in inputs}}
 
     # 2. Up to date, resumable, or in the way?
-    state = _check_out(out, identity, force)
+    state = check_out(out, identity, force)
     if state == "complete":
         log.info("%s is up to date; nothing to do", out)
         return load_prepared(out)
@@ -271,13 +259,13 @@ def prepare_subject(nsd_root, subject: int, out_dir, options: PrepareOptions | N
     # 4. Assemble splits, images, captions; commit.
     writer = PreparedWriter(out)
     writer.save_voxels(voxels)
-    captions = _captions(root, options)
-    _assemble(writer, work, plan, voxels.n_voxels, options, captions, stimuli, progress)
+    _assemble(writer, work, plan, voxels.n_voxels, options, captions, stimuli, progress,
+              nsd_paths.betas_dir(root, subject, options.betas_version))
     manifest = {
         **identity,
         "format": PREPARED_FORMAT,
         "source": "nsd",
-        "nsd_root": str(root.resolve()),
+        "nsd_root": record_path(root, out),  # relative to the dataset, so the two can move together
         "test_set": options.test_set if not options.sessions else f"custom ({options.test_set} split rule)",
         "sessions": sessions,
         "trials_per_session": plan.trials_per_session,
@@ -311,34 +299,6 @@ def _rel(path: Path, root: Path) -> str:
         return str(Path(path).relative_to(root))
     except ValueError:
         return str(Path(path).resolve())
-
-
-def _check_out(out: Path, identity: dict, force: bool) -> str:
-    """'fresh', 'resume' or 'complete'; refuses a folder holding something else unless ``force``."""
-    if not out.exists() or not any(out.iterdir()):
-        return "fresh"
-    same = json.loads(json.dumps(identity, sort_keys=True))
-    manifest = out / "manifest.json"
-    if manifest.is_file():
-        existing = json.loads(manifest.read_text())
-        if existing.get("complete") and {k: existing.get(k) for k in same} == same and not force:
-            return "complete"
-    work_identity = out / ".work" / "identity.json"
-    if work_identity.is_file() and json.loads(work_identity.read_text()) == same and not force:
-        return "resume"
-    known = {"manifest.json", "voxels.npz", ".work", ".staging", "train", "val", "test"}
-    if not force:
-        if {p.name for p in out.iterdir()} <= known:
-            raise FileExistsError(f"{out} holds a dataset prepared from other inputs or options; "
-                                  "pass --force to replace it or choose another folder")
-        raise FileExistsError(f"{out} is not empty and is not a prepared dataset; choose another folder or pass --force")
-    for name in known:
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-    return "fresh"
 
 
 def _check_trial_count(reader, plan: SessionPlan, root: Path) -> None:
@@ -382,15 +342,20 @@ def _split_rows(plan: SessionPlan, options: PrepareOptions) -> dict[str, np.ndar
     return rows
 
 
-def _captions(root: Path, options: PrepareOptions):
+def _captions(root: Path, options: PrepareOptions, used_ids: np.ndarray):
+    """Captions by NSD id, once the files they come from are checked to cover ``used_ids``."""
     if options.captions_file:
-        return lambda ids: read_curated_captions(Path(options.captions_file), ids)
+        path = Path(options.captions_file)
+        check_curated_captions(path, used_ids)
+        return lambda ids: read_curated_captions(path, ids)
     info = read_stim_info(root)
+    check_ids(used_ids, len(info["cocoId"]), nsd_paths.stim_info_path(root))
+    coco_caption_files(root, info["cocoSplit"][used_ids])
     return lambda ids: read_coco_captions(root, info["cocoId"][ids], info["cocoSplit"][ids])
 
 
 def _assemble(writer: PreparedWriter, work: Path, plan: SessionPlan, n_voxels: int, options: PrepareOptions,
-              captions, stimuli: Path, progress: bool) -> None:
+              captions, stimuli: Path, progress: bool, betas_dir: Path) -> None:
     T = plan.trials_per_session
     position = {s: i for i, s in enumerate(plan.sessions)}
     outputs, counts, row_of_trial = {}, {}, {}
@@ -431,33 +396,11 @@ def _assemble(writer: PreparedWriter, work: Path, plan: SessionPlan, n_voxels: i
         out /= np.maximum(counts[split], 1)[:, None].astype(np.float32)
 
     if options.normalize == "brain-diffuser":
-        # Brain-Diffuser: z-score every voxel with the train split's mean and sd (ddof=1).
-        train = outputs["train"]
-        mean = train.mean(0, dtype=np.float64)
-        sd = train.std(0, ddof=1, dtype=np.float64)
-        if (sd == 0).any():
-            raise ValueError(f"{int((sd == 0).sum())} voxels are constant over the training images; cannot z-score")
-        for out in outputs.values():
-            for start in range(0, len(out), 1024):
-                out[start:start + 1024] = (out[start:start + 1024] - mean) / sd
+        zscore_with_non_test(outputs, betas_dir)
     for out in outputs.values():
         out.flush()
 
     if options.images:
-        _copy_images(writer, plan, options, stimuli, progress)
-
-
-def _copy_images(writer, plan, options, stimuli: Path, progress: bool) -> None:
-    with h5py.File(stimuli, "r") as f:
-        if "imgBrick" not in f:
-            raise ValueError(f"{stimuli}: no dataset 'imgBrick'; expected NSD's stimuli file")
-        brick = f["imgBrick"]
-        for split, ids in _split_rows(plan, options).items():
-            stim = plan.trial_images[ids] if options.single_trial else ids
-            out = writer.rows(f"{split}/images.npy", (len(stim), *brick.shape[1:]), np.uint8)
-            for start in tqdm(range(0, len(stim), 64), desc=f"{split} images", disable=not progress, leave=False):
-                chunk = stim[start:start + 64]
-                sorted_ids = np.unique(chunk)
-                block = brick[sorted_ids]  # h5py wants increasing, unique indices
-                out.write(block[np.searchsorted(sorted_ids, chunk)])
-            out.close()
+        split_ids = {split: plan.trial_images[rows] if options.single_trial else rows
+                     for split, rows in _split_rows(plan, options).items()}
+        copy_nsd_stimuli(writer, stimuli, split_ids, progress)

@@ -32,7 +32,8 @@ __all__ = ["PREPARED_FORMAT", "SPLITS", "VoxelSet", "PreparedSubject", "Prepared
 
 PREPARED_FORMAT = "brainmclip-prepared/1"
 SPLITS = ("train", "val", "test")
-# BrainMCLIP's voxel groups (SPEC section 2) plus the two ROI families they are built from.
+# BrainMCLIP's voxel groups (semantic: floc ROIs; detail: early visual plus floc) plus the two ROI families they
+# are built from.
 VOXEL_GROUPS = ("all", "low_level", "high_level", "semantic", "detail")
 
 
@@ -182,10 +183,14 @@ def load_prepared(path: str | os.PathLike, images: bool = True) -> PreparedSubje
 
 class _RowStream:
     def __init__(self, path: Path, shape, dtype):
-        self.shape, self.dtype, self.written = tuple(shape), np.dtype(dtype), 0
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self.shape, self.dtype, self.written = tuple(int(s) for s in shape), np.dtype(dtype), 0
         header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
-        np.lib.format.write_array_header_2_0(self._file, header)
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        # The header np.save and np.lib.format.open_memmap write: version 1.0 unless it is too long.
+        try:
+            np.lib.format.write_array_header_1_0(self._file, header)
+        except ValueError:
+            np.lib.format.write_array_header_2_0(self._file, header)
 
     def write(self, block: np.ndarray) -> None:
         block = np.ascontiguousarray(block, self.dtype)

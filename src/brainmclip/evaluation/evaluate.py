@@ -25,16 +25,20 @@ from scipy import stats
 from brainmclip import __version__
 from brainmclip.atomic import write_bytes_atomic, write_json_atomic
 from brainmclip.data.prepared import load_prepared
-from brainmclip.evaluation.published import LOWER_IS_BETTER, METRIC_NAMES, PUBLISHED
-from brainmclip.evaluation.retrieval import recall_at_k, similarity_matrix, top1_n_way
+from brainmclip.evaluation.metric_table import METRIC_TABLE, METRICS
+from brainmclip.evaluation.published import PUBLISHED
+from brainmclip.evaluation.retrieval import DIRECTIONS, INTERVAL, decoded_retrieval
 from brainmclip.evaluation.scene_checks import SceneChecker, scene_root
 from brainmclip.generation.reconstruct import load_reconstructions
 from brainmclip.models.predictions import load_predictions
+from brainmclip.paths import record_path, resolve_path
+from brainmclip.types import RunEvaluation
 
-__all__ = ["bootstrap_ci", "evaluate_reconstructions", "format_markdown", "make_report", "paired_tests"]
+__all__ = ["bootstrap_ci", "evaluate_reconstructions", "format_markdown", "load_evaluation", "make_report",
+           "paired_tests"]
 
 log = logging.getLogger("brainmclip.evaluate")
-_IDENTIFICATION = ("AlexNet(2)", "AlexNet(5)", "InceptionV3", "CLIP")
+EVALUATION_FORMAT = "brainmclip-evaluation/2"
 
 
 def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
@@ -50,7 +54,7 @@ def paired_tests(per_image: dict[str, dict[str, np.ndarray]]) -> list[dict]:
     """Wilcoxon signed-rank test per metric for every pair of methods (same images, same order)."""
     out = []
     for a, b in combinations(sorted(per_image), 2):
-        for metric in METRIC_NAMES:
+        for metric in METRICS:
             x, y = per_image[a].get(metric), per_image[b].get(metric)
             if x is None or y is None or len(x) != len(y):
                 continue
@@ -60,12 +64,13 @@ def paired_tests(per_image: dict[str, dict[str, np.ndarray]]) -> list[dict]:
     return out
 
 
-def _run_info(recon) -> tuple[dict, dict, Path]:
-    pred_dir = Path(recon.manifest["settings"]["predictions"])
+def _run_info(recon) -> tuple[dict, dict, Path, Path | None]:
+    """The predictions manifest, the training run's run.json, the predictions folder and the run folder."""
+    pred_dir = resolve_path(recon.manifest["settings"]["predictions"], recon.root)
     pred = load_predictions(pred_dir)
-    run_dir = Path(pred.manifest["run"]) if pred.manifest.get("run") else None
+    run_dir = resolve_path(pred.manifest["run"], pred_dir) if pred.manifest.get("run") else None
     run = json.loads((run_dir / "run.json").read_text()) if run_dir and (run_dir / "run.json").exists() else {}
-    return pred.manifest, run, pred_dir
+    return pred.manifest, run, pred_dir, run_dir
 
 
 def _truth_images(data: Path, ids: np.ndarray) -> np.ndarray:
@@ -79,24 +84,13 @@ def _truth_images(data: Path, ids: np.ndarray) -> np.ndarray:
     return np.stack([np.asarray(test.images[row[int(i)]]) for i in ids])
 
 
-def _retrieval(pred_dir: Path, features: Path | None, n_way: int, seed: int) -> dict:
+def _retrieval(pred_dir: Path, features: Path | None, seed: int) -> dict:
     from brainmclip.features.feature_store import open_feature_store
 
     if features is None or not (Path(features) / "manifest.json").exists():
         return {}
-    pred = load_predictions(pred_dir)
-    store = open_feature_store(features)
-    targets = store.get(pred.stimulus_ids)
-    out = {}
-    if pred.image is not None:
-        fused = (targets["image_semantic"] + targets["image_detail"]) / 2
-        sim = similarity_matrix(np.asarray(pred.image, np.float32), fused)
-        top1 = top1_n_way(sim, n_way=n_way, n_repeats=30, seed=seed)
-        out["image"] = {"top1": top1, "recall_at_k": recall_at_k(sim)}
-    if pred.text is not None:
-        sim = similarity_matrix(np.asarray(pred.text, np.float32), targets["text"])
-        out["text"] = {"top1": top1_n_way(sim, n_way=n_way, n_repeats=30, seed=seed), "recall_at_k": recall_at_k(sim)}
-    return out
+    return decoded_retrieval(load_predictions(pred_dir), open_feature_store(features), n_way=300, n_repeats=30,
+                             seed=seed)
 
 
 def evaluate_reconstructions(recon_dirs, out, protocol=None, clip_model: str = "openai/clip-vit-large-patch14",
@@ -109,22 +103,26 @@ def evaluate_reconstructions(recon_dirs, out, protocol=None, clip_model: str = "
     ``truth_cache`` (a dict this call fills) let a caller that evaluates many folders against the
     same test images load the metric networks and embed the true images once. ``metrics``: a
     subset of the eight to compute (default all); the others are absent from the results.
+    Returns what ``metrics.json`` holds, with ``runs`` as :class:`~brainmclip.types.RunEvaluation`.
+    Paths in ``metrics.json`` are relative to ``out``, so the folders can move together.
     """
-    from brainmclip.evaluation.image_metrics import METRICS, MetricProtocol, evaluate_images, load_metric_networks
+    from brainmclip.evaluation.image_metrics import MetricProtocol, evaluate_images, load_metric_networks
 
     start = time.perf_counter()
     protocol = protocol or MetricProtocol()
     out = Path(out)
-    entries, per_image_all = [], {}
+    entries: list[RunEvaluation] = []
+    per_image_all = {}
     truth_cache = {} if truth_cache is None else truth_cache
     checker = None
     for recon_dir in recon_dirs:
         recon = load_reconstructions(recon_dir)
-        pred_manifest, run, pred_dir = _run_info(recon)
-        data = Path(run.get("data") or "")
-        if not run or not (data / "manifest.json").exists():
+        pred_manifest, run, pred_dir, run_dir = _run_info(recon)
+        data = resolve_path(run["data"], run_dir) if run.get("data") else None
+        if not run or data is None or not (data / "manifest.json").exists():
             raise FileNotFoundError(f"{recon_dir}: cannot find the run and prepared dataset behind these "
                                     f"reconstructions (predictions at {pred_dir})")
+        features = resolve_path(run["features"], run_dir) if run.get("features") else None
         ids = recon.stimulus_ids
         recons = np.stack([recon.load(i) for i in range(len(recon))])
         truths = _truth_images(data, ids)
@@ -135,7 +133,7 @@ def evaluate_reconstructions(recon_dirs, out, protocol=None, clip_model: str = "
                                  truth_cache=truth_cache, metrics=metrics or METRICS)
         subject, method = int(pred_manifest.get("subject", 0)), str(pred_manifest.get("method", "unknown"))
         key = f"subj{subject:02d}/{method}"
-        per_image = {m: np.asarray(v) for m, v in result["per_image"].items()}
+        per_image = {m: np.asarray(v) for m, v in result.per_image.items()}
         scene_checks = {}
         root = scene_root(data)
         if root is not None and SceneChecker.applies(clip_model):
@@ -145,39 +143,35 @@ def evaluate_reconstructions(recon_dirs, out, protocol=None, clip_model: str = "
             scene_checks["ci95"] = bootstrap_ci(per_image["category_agreement"], n_boot, seed)
         per_image_all[key] = per_image
         prepared_manifest = json.loads((data / "manifest.json").read_text())
-        entries.append({
-            "subject": subject, "method": method, "reconstructions": str(Path(recon_dir).resolve()),
-            "metrics": {m: float(result[m]) for m in METRIC_NAMES if m in result},
-            "ci95": {m: bootstrap_ci(per_image[m], n_boot, seed) for m in METRIC_NAMES if m in per_image},
-            "uncalibrated": list(result.get("uncalibrated", [])),
-            "scene_checks": scene_checks,
-            "retrieval": _retrieval(pred_dir, run.get("features"), n_way=min(300, len(ids)), seed=seed),
-            "parameters": int(run.get("parameters", {}).get("total", 0)),
-            "n_images": int(len(ids)),
-            "test_set": prepared_manifest.get("test_set"),
-            "data": str(data),
-            "run": pred_manifest.get("run"),
-        })
-        log.info("%s: %s", key, ", ".join(f"{m} {v:.3f}" for m, v in entries[-1]["metrics"].items()))
+        entries.append(RunEvaluation(
+            subject=subject, method=method, metrics=dict(result.values),
+            ci95={m: bootstrap_ci(per_image[m], n_boot, seed) for m in METRICS if m in result.per_image},
+            uncalibrated=list(result.uncalibrated), scene_checks=scene_checks,
+            retrieval=_retrieval(pred_dir, features, seed=seed),
+            parameters=int(run.get("parameters", {}).get("total", 0)), n_images=int(len(ids)),
+            test_set=prepared_manifest.get("test_set"), reconstructions=record_path(recon.root, out),
+            data=record_path(data, out), run=record_path(run_dir, out) if run_dir else None))
+        log.info("%s: %s", key, ", ".join(f"{m} {v:.3f}" for m, v in entries[-1].metrics.items()))
     by_subject: dict[int, dict] = {}
     for key, values in per_image_all.items():
         by_subject.setdefault(int(key[4:6]), {})[key.split("/", 1)[1]] = values
     tests = {f"subj{s:02d}": paired_tests(methods) for s, methods in by_subject.items() if len(methods) > 1}
-    methods = sorted({e["method"] for e in entries})
+    methods = sorted({e.method for e in entries})
     means = {}
     for method in methods:
-        rows = [e for e in entries if e["method"] == method]
-        means[method] = {m: float(np.mean([r["metrics"][m] for r in rows if m in r["metrics"]]))
-                         for m in METRIC_NAMES if all(m in r["metrics"] for r in rows)}
+        rows = [e for e in entries if e.method == method]
+        means[method] = {m: float(np.mean([r.metrics[m] for r in rows])) for m in METRICS
+                         if all(m in r.metrics for r in rows)}
     report = {
-        "format": "brainmclip-evaluation/1",
+        "format": EVALUATION_FORMAT,
         "protocol": asdict(protocol) if hasattr(protocol, "__dataclass_fields__") else dict(protocol),
         "clip_model": clip_model, "allow_random_metric_nets": allow_random,
         "runs": entries, "mean_over_subjects": means, "paired_tests": tests,
+        "retrieval_directions": dict(DIRECTIONS), "retrieval_interval": INTERVAL,
         "published": PUBLISHED, "code_version": __version__, "seconds": round(time.perf_counter() - start, 1),
     }
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "metrics.json", report)
+    write_json_atomic(out / "metrics.json", {**report, "runs": [e.to_json() for e in entries]})
     write_bytes_atomic(out / "metrics.csv", _csv(entries, means).encode())
     write_bytes_atomic(out / "metrics.md", format_markdown(report).encode())
     buffer = io.BytesIO()
@@ -186,54 +180,94 @@ def evaluate_reconstructions(recon_dirs, out, protocol=None, clip_model: str = "
     return report
 
 
-def _csv(entries, means) -> str:
+def load_evaluation(eval_dir) -> dict:
+    """``metrics.json`` of an evaluation folder, ``runs`` as :class:`~brainmclip.types.RunEvaluation` with their
+    paths resolved against the folder."""
+    eval_dir = Path(eval_dir)
+    metrics_file = eval_dir / "metrics.json"
+    if not metrics_file.is_file():
+        raise FileNotFoundError(f"{metrics_file}: missing; run brainmclip evaluate --out {eval_dir} first")
+    try:
+        report = json.loads(metrics_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{metrics_file}: not readable JSON ({err}); run brainmclip evaluate again") from None
+    if report.get("format") != EVALUATION_FORMAT:
+        raise ValueError(f"{metrics_file}: format {report.get('format')!r}; expected {EVALUATION_FORMAT!r} "
+                         "(written by an older brainmclip: run brainmclip evaluate again)")
+    runs = []
+    for values in report["runs"]:
+        run = RunEvaluation.from_json(values)
+        run.reconstructions = str(resolve_path(run.reconstructions, eval_dir))
+        run.data = str(resolve_path(run.data, eval_dir))
+        run.run = str(resolve_path(run.run, eval_dir)) if run.run else None
+        runs.append(run)
+    return {**report, "runs": runs}
+
+
+def _top1(entry: RunEvaluation, kind: str, direction: str) -> float:
+    top1 = entry.retrieval.get(kind, {}).get("top1_n_way", {})
+    return top1.get(direction, {}).get("mean", float("nan"))
+
+
+def _csv(entries: list[RunEvaluation], means) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["subject", "method", *METRIC_NAMES, "image_retrieval_top1", "brain_retrieval_top1", "parameters",
+    writer.writerow(["subject", "method", *METRICS, "image_retrieval_top1", "brain_retrieval_top1", "parameters",
                      "uncalibrated"])
     for e in entries:
-        top1 = e["retrieval"].get("image", {}).get("top1", {})
-        writer.writerow([e["subject"], e["method"], *[f"{e['metrics'].get(m, float('nan')):.4f}" for m in METRIC_NAMES],
-                         f"{top1.get('image_retrieval', {}).get('mean', float('nan')):.4f}",
-                         f"{top1.get('brain_retrieval', {}).get('mean', float('nan')):.4f}",
-                         e["parameters"], ";".join(e["uncalibrated"])])
+        writer.writerow([e.subject, e.method, *[f"{e.metrics.get(m, float('nan')):.4f}" for m in METRICS],
+                         f"{_top1(e, 'image', 'image_retrieval'):.4f}", f"{_top1(e, 'image', 'brain_retrieval'):.4f}",
+                         e.parameters, ";".join(e.uncalibrated)])
     for method, values in means.items():
-        writer.writerow(["mean", method, *[f"{values.get(m, float('nan')):.4f}" for m in METRIC_NAMES], "", "", "", ""])
+        writer.writerow(["mean", method, *[f"{values.get(m, float('nan')):.4f}" for m in METRICS], "", "", "", ""])
     return buffer.getvalue()
 
 
 def _cell(metric: str, value: float, uncalibrated: bool = False) -> str:
-    text = f"{100 * value:.1f}%" if metric in _IDENTIFICATION else f"{value:.3f}"
-    return text + ("†" if uncalibrated else "")
+    from brainmclip.evaluation.metric_table import format_metric
+
+    return format_metric(metric, value) + ("†" if uncalibrated else "")
 
 
 def format_markdown(report: dict) -> str:
-    """A table laid out like the paper's Tables 1-2, ours first, published rows marked."""
-    arrows = [f"{m} {'↓' if m in LOWER_IS_BETTER else '↑'}" for m in METRIC_NAMES]
+    """A table laid out like the paper's Tables 1-2, ours first, published rows marked; then retrieval."""
+    runs: list[RunEvaluation] = report["runs"]
+    arrows = [f"{spec.key} {spec.arrow}" for spec in METRIC_TABLE]
     label = clip_metric_label(report["clip_model"]) or report["clip_model"]
     lines = [f"Protocol: {report['protocol'].get('name', 'mindeye1')}; CLIP for metrics: {label}",
              "", "| method | subject | " + " | ".join(arrows) + " | params |",
-             "|---|---|" + "---|" * len(METRIC_NAMES) + "---|"]
-    for e in report["runs"]:
-        cells = [_cell(m, e["metrics"][m], m in e["uncalibrated"]) if m in e["metrics"] else "–" for m in METRIC_NAMES]
-        lines.append(f"| {e['method']} (ours) | {e['subject']} | " + " | ".join(cells) +
-                     f" | {e['parameters'] / 1e6:.1f}M |")
+             "|---|---|" + "---|" * len(METRICS) + "---|"]
+    for e in runs:
+        cells = [_cell(m, e.metrics[m], m in e.uncalibrated) if m in e.metrics else "–" for m in METRICS]
+        lines.append(f"| {e.method} (ours) | {e.subject} | " + " | ".join(cells) + f" | {e.parameters / 1e6:.1f}M |")
     for method, values in report["mean_over_subjects"].items():
-        unc = set().union(*[set(e["uncalibrated"]) for e in report["runs"] if e["method"] == method])
-        cells = [_cell(m, values[m], m in unc) if m in values else "–" for m in METRIC_NAMES]
+        unc = set().union(*[set(e.uncalibrated) for e in runs if e.method == method])
+        cells = [_cell(m, values[m], m in unc) if m in values else "–" for m in METRICS]
         lines.append(f"| **{method} (ours, mean)** | all | " + " | ".join(cells) + " | |")
-    lines.append("| *published (papers, NSD subjects 1,2,5,7)* | | " + " | ".join("" for _ in METRIC_NAMES) + " | |")
+    lines.append("| *published (papers, NSD subjects 1,2,5,7)* | | " + " | ".join("" for _ in METRICS) + " | |")
     for row in report["published"]:
-        cells = [_cell(m, row["metrics"][m]) for m in METRIC_NAMES]
+        cells = [_cell(m, row["metrics"][m]) for m in METRICS]
         lines.append(f"| *{row['method']}* (published) | 1,2,5,7 | " + " | ".join(cells) + f" | {row['params'] or ''} |")
-    checked = [e for e in report["runs"] if e.get("scene_checks")]
+    retrieval = [(e, kind, r) for e in runs for kind, r in e.retrieval.items()]
+    if retrieval:
+        lines += ["", "Retrieval, top-1 among n-way random test items (chance 1/n), 30 subsets, mean [95% interval: "
+                      f"{INTERVAL}]. Image retrieval = brain -> image (a decoded embedding ranks the images); "
+                      "brain retrieval = image -> brain. MindEye1's code names the two directions the other way round.",
+                  "", "| method | subject | embedding | n-way | image retrieval (brain -> image) | "
+                      "brain retrieval (image -> brain) |", "|---|---|---|---|---|---|"]
+        for e, kind, r in retrieval:
+            top1 = r["top1_n_way"]
+            cells = [f"{100 * top1[d]['mean']:.1f}% [{100 * top1[d]['ci95_low']:.1f}, {100 * top1[d]['ci95_high']:.1f}]"
+                     for d in ("image_retrieval", "brain_retrieval")]
+            lines.append(f"| {e.method} | {e.subject} | {kind} | {top1['n_way']} | " + " | ".join(cells) + " |")
+    checked = [e for e in runs if e.scene_checks]
     if checked:
         lines += ["", "Category agreement with the simulated scenes (zero-shot category of the image names one of the "
                       "scene's largest objects; CLIP: " + label + "):", "",
                   "| method | subject | reconstructions | true images |", "|---|---|---|---|"]
-        lines += [f"| {e['method']} | {e['subject']} | {100 * e['scene_checks']['category_agreement']:.1f}% | "
-                  f"{100 * e['scene_checks']['truth_zero_shot']:.1f}% |" for e in checked]
-    if any(e["uncalibrated"] for e in report["runs"]):
+        lines += [f"| {e.method} | {e.subject} | {100 * e.scene_checks['category_agreement']:.1f}% | "
+                  f"{100 * e.scene_checks['truth_zero_shot']:.1f}% |" for e in checked]
+    if any(e.uncalibrated for e in runs):
         lines += ["", "† uncalibrated: computed with a randomly initialised metric network (weights were absent and "
                       "--allow-random-metric-nets was given); not comparable with published numbers."]
     return "\n".join(lines) + "\n"
@@ -247,34 +281,17 @@ def make_report(eval_dir, out, title: str = "brainmclip reconstructions", debug_
     folders of them); each gets a section of the report.
     """
     from brainmclip.analysis.common import find_analyses
-    from brainmclip.evaluation.report import read_tensorboard_scalars, write_report
+    from brainmclip.evaluation.report import ReportRun, read_tensorboard_scalars, write_report
 
-    eval_dir = Path(eval_dir)
-    metrics_file = eval_dir / "metrics.json"
-    if not metrics_file.is_file():
-        raise FileNotFoundError(f"{metrics_file}: missing; run brainmclip evaluate --out {eval_dir} first")
-    report = json.loads(metrics_file.read_text())
+    report = load_evaluation(eval_dir)
     runs = []
     for e in report["runs"]:
-        recon = load_reconstructions(e["reconstructions"])
-        retrieval = {}
-        for kind in ("image", "text"):
-            top1 = e["retrieval"].get(kind, {}).get("top1")
-            if top1:
-                retrieval[f"{kind}_top1"] = top1["image_retrieval"]["mean"]
-                retrieval[f"{'brain' if kind == 'image' else 'text_brain'}_top1"] = top1["brain_retrieval"]["mean"]
-                retrieval["n_way"] = top1["n_way"]
-        run_dir = Path(e["run"]) if e.get("run") else None
-        runs.append({
-            "subject": e["subject"], "method": e["method"], "metrics": e["metrics"], "ci95": e["ci95"],
-            "uncalibrated": e["uncalibrated"], "retrieval": retrieval, "parameters": e["parameters"],
-            "recon_paths": [str(p) for p in recon.paths],
-            "truth_images": _truth_images(Path(e["data"]), recon.stimulus_ids),
-            "curves": read_tensorboard_scalars(run_dir) if run_dir else {},
-            "scene_checks": e.get("scene_checks") or {},
-            "protocol": report["protocol"],
-            "data": {"test_set": e.get("test_set"), "n_images": e["n_images"], "prepared": e["data"]},
-        })
+        recon = load_reconstructions(e.reconstructions)
+        runs.append(ReportRun(
+            evaluation=e, recon_paths=[str(p) for p in recon.paths],
+            truth_images=_truth_images(Path(e.data), recon.stimulus_ids),
+            curves=read_tensorboard_scalars(e.run) if e.run else {}, protocol=report["protocol"],
+            data={"test_set": e.test_set, "n_images": e.n_images, "prepared": e.data}))
     clip_label = clip_metric_label(report.get("clip_model", ""))
     notes = []
     if clip_label:

@@ -10,11 +10,14 @@ Inputs are uint8 RGB arrays ``(n, H, W, 3)``; reconstruction ``i`` pairs with gr
     a square ``size x size``: PixCorr and SSIM at 425, AlexNet at 256, InceptionV3 at 342, CLIP at
     224, EffNet-B at 255, SwAV at 224.
 
-``brain-diffuser``
-    One PIL bilinear resize of the uint8 images to 224 x 224 (PIL's bilinear filter widens its
-    support when shrinking, i.e. it antialiases), then every metric on those 224 px images with no
-    further resize. Brain-Diffuser's own scripts are not reproduced line by line; this is the
-    documented approximation "224 px, PIL resize" (bilinear chosen over bicubic).
+``brain-diffuser`` (Brain-Diffuser's ``scripts/evaluate_reconstruction.py`` and ``eval_extract_features.py``)
+    Pixel metrics keep the ground truth at its native size (425 px on NSD) and resize the
+    reconstruction to it with PIL's bicubic filter (``Image.resize``'s default for RGB images),
+    both as float64 ``uint8 / 255``; PixCorr is ``np.corrcoef`` of the flattened RGB arrays and
+    SSIM is column-wise (what scikit-image 0.17 computed with ``multichannel=True`` on grey
+    images, see below). For the networks each image is resized once, from its native size, to
+    224 x 224 with PIL's bilinear filter (``torchvision.transforms.functional.resize`` on a PIL
+    image, which antialiases when shrinking); no later resize.
 
 Metric definitions:
 
@@ -64,17 +67,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from brainmclip.evaluation.metric_table import (
+    DISTANCE_METRICS,
+    IDENTIFICATION_METRICS,
+    METRICS,
+    PIXEL_METRICS,
+    check_metrics,
+)
+from brainmclip.types import MetricReport
+
 __all__ = [
     "METRICS", "IDENTIFICATION_METRICS", "DISTANCE_METRICS", "PIXEL_METRICS", "WEIGHT_FILES",
     "MetricProtocol", "MetricNetwork", "resize_images", "first_resize", "pixcorr", "ssim", "ssim_columnwise",
     "pearson_matrix", "rowwise_pearson", "two_way_from_corr", "two_way_identification",
-    "correlation_distance", "load_metric_networks", "network_features", "evaluate_images",
+    "correlation_distance", "load_metric_networks", "network_features", "evaluate_images", "truth_native_pixels",
 ]
 
-METRICS = ("PixCorr", "SSIM", "AlexNet(2)", "AlexNet(5)", "InceptionV3", "CLIP", "EffNet-B", "SwAV")
-PIXEL_METRICS = ("PixCorr", "SSIM")
-IDENTIFICATION_METRICS = ("AlexNet(2)", "AlexNet(5)", "InceptionV3", "CLIP")
-DISTANCE_METRICS = ("EffNet-B", "SwAV")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -95,27 +103,30 @@ _NETWORK_NODES = {
     "SwAV": {"SwAV": "avgpool"},
 }
 _PROTOCOL_DEFAULTS = {
-    "mindeye1": dict(first_size=256, resize="torch", pixel_size=425, alexnet_size=256, inception_size=342,
-                     clip_size=224, effnet_size=255, swav_size=224),
-    "brain-diffuser": dict(first_size=224, resize="pil", pixel_size=224, alexnet_size=224, inception_size=224,
-                           clip_size=224, effnet_size=224, swav_size=224),
+    "mindeye1": dict(ssim="gaussian", pixels="resized", first_size=256, resize="torch", pixel_size=425,
+                     alexnet_size=256, inception_size=342, clip_size=224, effnet_size=255, swav_size=224),
+    "brain-diffuser": dict(ssim="columnwise", pixels="truth-native", first_size=224, resize="pil", pixel_size=None,
+                           alexnet_size=224, inception_size=224, clip_size=224, effnet_size=224, swav_size=224),
 }
 _RANDOM_SEED = 0
 
 
 @dataclass(frozen=True)
 class MetricProtocol:
-    """How images are resized before each metric. Sizes left as None take the protocol's defaults.
+    """How images are resized before each metric. Fields left as None take the protocol's defaults.
 
-    ``resize`` is the backend of the first resize: ``"torch"`` (bilinear, ``antialias=False``, on
-    float tensors) or ``"pil"`` (``Image.resize(..., BILINEAR)`` on the uint8 images). All later
-    resizes use torch bilinear without antialiasing and are skipped when the size already matches.
-    Every resize goes to a square ``size x size`` (the protocols' inputs are square after the
-    first resize anyway).
+    ``pixels`` says where the pixel metrics are computed: ``"resized"`` (both images through the
+    first resize, then to ``pixel_size``) or ``"truth-native"`` (the ground truth at its own size,
+    the reconstruction PIL-bicubic resized to it; ``pixel_size`` unused). ``resize`` is the backend
+    of the first resize: ``"torch"`` (bilinear, ``antialias=False``, on float tensors) or ``"pil"``
+    (``Image.resize(..., BILINEAR)`` on the uint8 images). All later resizes use torch bilinear
+    without antialiasing and are skipped when the size already matches. Every resize goes to a
+    square ``size x size`` (the protocols' inputs are square after the first resize anyway).
     """
 
     name: str = "mindeye1"
-    ssim: str = "gaussian"
+    ssim: str | None = None
+    pixels: str | None = None
     first_size: int | None = None
     resize: str | None = None
     pixel_size: int | None = None
@@ -128,11 +139,15 @@ class MetricProtocol:
     def __post_init__(self):
         if self.name not in _PROTOCOL_DEFAULTS:
             raise ValueError(f"Unknown protocol {self.name!r}; choose from {list(_PROTOCOL_DEFAULTS)}")
-        if self.ssim not in ("gaussian", "columnwise"):
-            raise ValueError(f"Unknown ssim={self.ssim!r}; choose 'gaussian' or 'columnwise'")
         for key, value in _PROTOCOL_DEFAULTS[self.name].items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
+        if self.ssim not in ("gaussian", "columnwise"):
+            raise ValueError(f"Unknown ssim={self.ssim!r}; choose 'gaussian' or 'columnwise'")
+        if self.pixels not in ("resized", "truth-native"):
+            raise ValueError(f"Unknown pixels={self.pixels!r}; choose 'resized' or 'truth-native'")
+        if self.pixels == "resized" and self.pixel_size is None:
+            raise ValueError("pixels='resized' needs a pixel_size")
         if self.resize not in ("torch", "pil"):
             raise ValueError(f"Unknown resize={self.resize!r}; choose 'torch' or 'pil'")
 
@@ -170,6 +185,21 @@ def first_resize(images: np.ndarray, protocol: MetricProtocol) -> torch.Tensor:
         return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
     return resize_images(x, protocol.first_size)
+
+
+def truth_native_pixels(recons: np.ndarray, truths: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 (n, 3, H, W) in [0, 1]: the truths at their own size, the recons PIL-bicubic resized to it."""
+    from PIL import Image
+
+    height, width = truths.shape[1:3]
+    if recons.shape[1:3] != (height, width):
+        recons = np.stack([np.asarray(Image.fromarray(im).resize((width, height), Image.Resampling.BICUBIC))
+                           for im in recons])
+
+    def tensor(images):
+        return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).double() / 255.0
+
+    return tensor(recons), tensor(truths)
 
 
 # -- pixel metrics ----------------------------------------------------------------------------------
@@ -394,6 +424,7 @@ def load_metric_networks(metrics: Sequence[str] = METRICS, clip_model: str = "op
                          weights_dir=None, allow_random: bool = False,
                          device: str | torch.device = "cpu") -> dict[str, MetricNetwork]:
     """The feature networks the requested metrics need, keyed by network name."""
+    metrics = check_metrics(metrics)
     networks = {}
     for network, nodes in _NETWORK_NODES.items():
         if not any(m in metrics for m in nodes):
@@ -423,23 +454,18 @@ def network_features(net: MetricNetwork, x: torch.Tensor, size: int) -> dict[str
 def evaluate_images(recons, truths, protocol: MetricProtocol | None = None,
                     clip_model: str = "openai/clip-vit-large-patch14", weights_dir=None, allow_random: bool = False,
                     batch_size: int = 32, device: str | torch.device = "cpu", metrics: Sequence[str] = METRICS,
-                    networks: dict[str, MetricNetwork] | None = None, truth_cache: dict | None = None) -> dict:
+                    networks: dict[str, MetricNetwork] | None = None, truth_cache: dict | None = None) -> MetricReport:
     """All (or the requested) metrics for paired uint8 images; see the module notes for definitions.
 
-    Returns ``{metric: float}`` for each metric, plus ``"per_image"`` ({metric: float64 (n,)}: PixCorr
-    r_i, SSIM_i, identification of recon j, distance_i), ``"uncalibrated"`` (metrics computed with
-    random networks), ``"protocol"``, ``"networks"`` ({network: weights source}), ``"n"`` and
-    ``"seconds"``. ``networks`` reuses networks from :func:`load_metric_networks`. ``truth_cache``,
-    a dict the caller keeps between calls with the same ``networks``, stores the ground truth's
-    network features by content, so methods and subjects scored on the same test images (NSD's
-    shared 1000) run the networks over them once.
+    ``networks`` reuses networks from :func:`load_metric_networks`. ``truth_cache``, a dict the
+    caller keeps between calls with the same ``networks``, stores the ground truth's network
+    features by content, so methods and subjects scored on the same test images (NSD's shared
+    1000) run the networks over them once.
     """
     t0 = time.perf_counter()
     protocol = protocol or MetricProtocol()
     recons, truths = _check_images(recons, "recons"), _check_images(truths, "truths")
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise ValueError(f"Unknown metric {unknown[0]!r}; choose from {list(METRICS)}")
+    metrics = check_metrics(metrics)
     n = len(recons)
     if len(truths) != n:
         raise ValueError(f"{n} recons but {len(truths)} truths; they must pair one to one")
@@ -457,10 +483,14 @@ def evaluate_images(recons, truths, protocol: MetricProtocol | None = None,
         truth_key = digest.hexdigest()
     cached = truth_cache.get(truth_key) if truth_key else None
     for start in range(0, n, batch_size):
-        rec = first_resize(recons[start:start + batch_size], protocol)
-        gt = first_resize(truths[start:start + batch_size], protocol)
+        batch = slice(start, start + batch_size)
+        rec = first_resize(recons[batch], protocol)
+        gt = first_resize(truths[batch], protocol)
         if per_pixel:
-            rec_px, gt_px = resize_images(rec, protocol.pixel_size), resize_images(gt, protocol.pixel_size)
+            if protocol.pixels == "truth-native":
+                rec_px, gt_px = truth_native_pixels(recons[batch], truths[batch])
+            else:
+                rec_px, gt_px = resize_images(rec, protocol.pixel_size), resize_images(gt, protocol.pixel_size)
             if "PixCorr" in per_pixel:
                 per_pixel["PixCorr"].append(pixcorr(rec_px, gt_px))
             if "SSIM" in per_pixel:
@@ -488,12 +518,12 @@ def evaluate_images(recons, truths, protocol: MetricProtocol | None = None,
     missing = [m for m in metrics if m not in per_image]
     if missing:
         raise ValueError(f"no network given for {missing}")
-    result: dict = {m: float(per_image[m].mean()) for m in METRICS if m in per_image}
-    result["per_image"] = {m: per_image[m] for m in METRICS if m in per_image}
-    result["uncalibrated"] = [m for net in networks.values() if not net.calibrated for m in net.metrics
-                              if m in per_image]
-    result["protocol"] = protocol.as_dict()
-    result["networks"] = {name: net.source for name, net in networks.items()}
-    result["n"] = n
-    result["seconds"] = time.perf_counter() - t0
-    return result
+    computed = [m for m in METRICS if m in per_image]
+    return MetricReport(
+        values={m: float(per_image[m].mean()) for m in computed},
+        per_image={m: per_image[m] for m in computed},
+        uncalibrated=tuple(m for net in networks.values() if not net.calibrated for m in net.metrics
+                           if m in per_image),
+        protocol=protocol.as_dict(),
+        networks={name: net.source for name, net in networks.items()},
+        n=n, seconds=time.perf_counter() - t0)

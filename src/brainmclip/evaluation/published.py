@@ -1,4 +1,4 @@
-"""Published numbers to print beside ours (NSD, mean of subjects 1, 2, 5, 7; SPEC section 9).
+"""Published numbers to print beside ours (NSD, mean of subjects 1, 2, 5, 7, as the papers report them).
 
 Identification metrics are fractions here (0.918 = 91.8%), like our own results. These are
 the papers' numbers, computed by their authors with their own protocols and test sets; they
@@ -7,14 +7,13 @@ are shown for orientation, not as a like-for-like comparison.
 
 from __future__ import annotations
 
-__all__ = ["METRIC_NAMES", "LOWER_IS_BETTER", "PUBLISHED", "PUBLISHED_ABLATIONS"]
+from brainmclip.evaluation.metric_table import METRICS
 
-METRIC_NAMES = ("PixCorr", "SSIM", "AlexNet(2)", "AlexNet(5)", "InceptionV3", "CLIP", "EffNet-B", "SwAV")
-LOWER_IS_BETTER = ("EffNet-B", "SwAV")
+__all__ = ["PUBLISHED", "PUBLISHED_ABLATIONS"]
 
 
 def _row(method, values, params=None, note=""):
-    return {"method": method, "metrics": dict(zip(METRIC_NAMES, values, strict=True)), "params": params, "note": note}
+    return {"method": method, "metrics": dict(zip(METRICS, values, strict=True)), "params": params, "note": note}
 
 
 PUBLISHED = [
@@ -29,7 +28,7 @@ PUBLISHED = [
 ]
 
 
-#: BrainMCLIP's ablation tables (mean of subjects 1, 2, 5, 7), by table and row key.
+#: BrainMCLIP's ablation tables (mean of subjects 1, 2, 5, 7), by table and row key; values in metric-table order.
 PUBLISHED_ABLATIONS = {
     3: {
         "text_only": (.065, .107, .5967, .7356, .7841, .7846, .858, .555),

@@ -9,20 +9,12 @@ evaluation computed anything) and writes a self-contained folder::
 The folder is built in a hidden sibling directory and renamed into place, so a reader sees the
 old report or the new one, never half of one.
 
-``runs`` is a list of dicts, one per (subject, method)::
-
-    {"subject": 1, "method": "brainmclip",
-     "metrics": {"PixCorr": 0.21, "AlexNet(2)": 0.91, ...},   # identification metrics as fractions
-     "ci95": {"PixCorr": [0.19, 0.23], ...},                   # optional
-     "uncalibrated": ["InceptionV3"],                          # optional; marked with a dagger
-     "retrieval": {"image_top1": 0.9, "brain_top1": 0.8, "n_way": 300},   # optional
-     "recon_paths": [...png...], "truth_paths": [...png...] or "truth_images": uint8 (n, H, W, 3),
-     "curves": {"train/total": [(step, value), ...]},          # optional
-     "protocol": {...}, "data": {...}}
-
+``runs`` are :class:`ReportRun` objects: one (subject, method) evaluation
+(:class:`~brainmclip.types.RunEvaluation`) with what the page shows of it (reconstruction PNGs, ground
+truth as PNG paths or a uint8 array, training curves, the metric protocol and data description).
 ``published`` rows ``{"method", "metrics", "params"}`` are shown in their own block, marked
-"published (paper)". Metric keys may be the evaluation's names (``AlexNet(2)``, ``InceptionV3``,
-``EffNet-B``) or the paper's column titles (``Alex(2)``, ``Incep``, ``Eff``).
+"published (paper)"; their metric keys may be the evaluation's names (``AlexNet(2)``) or the paper's
+column titles (``Alex(2)``, ``Incep``, ``Eff``).
 """
 
 from __future__ import annotations
@@ -35,33 +27,19 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["COLUMNS", "write_report", "read_tensorboard_scalars", "format_metric"]
+from brainmclip.evaluation.metric_table import METRIC_TABLE, canonical_metric, format_interval, format_metric
+from brainmclip.evaluation.retrieval import INTERVAL
+from brainmclip.types import RunEvaluation
+
+__all__ = ["ReportRun", "write_report", "read_tensorboard_scalars", "format_metric"]
 
 log = logging.getLogger(__name__)
 
-# (canonical key, column title, lower is better, identification metric shown as a percentage)
-COLUMNS = (
-    ("PixCorr", "PixCorr", False, False),
-    ("SSIM", "SSIM", False, False),
-    ("AlexNet(2)", "Alex(2)", False, True),
-    ("AlexNet(5)", "Alex(5)", False, True),
-    ("InceptionV3", "Incep", False, True),
-    ("CLIP", "CLIP", False, True),
-    ("EffNet-B", "Eff", True, False),
-    ("SwAV", "SwAV", True, False),
-)
-_ALIASES = {
-    "pixcorr": "PixCorr", "ssim": "SSIM",
-    "alexnet(2)": "AlexNet(2)", "alex(2)": "AlexNet(2)", "alexnet2": "AlexNet(2)", "alex2": "AlexNet(2)",
-    "alexnet(5)": "AlexNet(5)", "alex(5)": "AlexNet(5)", "alexnet5": "AlexNet(5)", "alex5": "AlexNet(5)",
-    "inceptionv3": "InceptionV3", "incep": "InceptionV3", "inception": "InceptionV3",
-    "clip": "CLIP", "effnet-b": "EffNet-B", "eff": "EffNet-B", "effnet": "EffNet-B", "swav": "SwAV",
-}
-_PERCENT = {key for key, _, _, pct in COLUMNS if pct}
 DAGGER = "\u2020"
 MAX_GRID_IMAGES = 10
 
@@ -74,29 +52,34 @@ def _method_label(method) -> str:
     return METHOD_LABELS.get(str(method), str(method))
 
 
-def _canonical(name: str) -> str:
-    return _ALIASES.get(str(name).strip().lower(), str(name))
-
-
 def _canonical_map(values: Mapping | None) -> dict:
-    return {_canonical(k): v for k, v in (values or {}).items()}
+    return {canonical_metric(k): v for k, v in (values or {}).items()}
 
 
-def format_metric(key: str, value) -> str:
-    """The paper's formatting: identification as a percentage with 1 decimal, the rest with 3 decimals."""
-    if value is None:
-        return "\u2013"
-    value = float(value)
-    if not math.isfinite(value):
-        return "\u2013"
-    return f"{100 * value:.1f}%" if _canonical(key) in _PERCENT else f"{value:.3f}"
+@dataclass
+class ReportRun:
+    """One (subject, method) of the report: its evaluation and what the page shows of it.
 
+    ``truth_paths`` (PNG files) or ``truth_images`` (uint8 (n, H, W, 3)) give the ground truth of the grid;
+    ``curves`` are TensorBoard scalars ``{tag: [(step, value), ...]}``; ``protocol`` and ``data`` describe how
+    the metrics were computed and on what.
+    """
 
-def _format_interval(key: str, interval) -> str:
-    low, high = (float(v) for v in interval)
-    if _canonical(key) in _PERCENT:
-        return f"{100 * low:.1f}\u2013{100 * high:.1f}"
-    return f"{low:.3f}\u2013{high:.3f}"
+    evaluation: RunEvaluation
+    recon_paths: list = field(default_factory=list)
+    truth_paths: list = field(default_factory=list)
+    truth_images: np.ndarray | None = None
+    curves: dict = field(default_factory=dict)
+    protocol: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+
+    @property
+    def subject(self) -> int:
+        return int(self.evaluation.subject)
+
+    @property
+    def method(self) -> str:
+        return str(self.evaluation.method)
 
 
 # --------------------------------------------------------------------------- TensorBoard
@@ -149,11 +132,11 @@ def _as_rgb_array(image) -> np.ndarray:
     return arr
 
 
-def _truth_of(run: Mapping) -> list[np.ndarray] | None:
-    if run.get("truth_paths"):
-        return [_load_rgb(p) for p in run["truth_paths"][:MAX_GRID_IMAGES]]
-    if run.get("truth_images") is not None:
-        images = run["truth_images"]
+def _truth_of(run: ReportRun) -> list[np.ndarray] | None:
+    if run.truth_paths:
+        return [_load_rgb(p) for p in run.truth_paths[:MAX_GRID_IMAGES]]
+    if run.truth_images is not None:
+        images = run.truth_images
         return [_as_rgb_array(images[i]) for i in range(min(len(images), MAX_GRID_IMAGES))]
     return None
 
@@ -171,15 +154,15 @@ def _save_figure(fig, path: Path) -> None:
     fig.savefig(path, format="png", dpi=100, bbox_inches="tight", facecolor="white")
 
 
-def _grid_figure(subject: int, runs: Sequence[Mapping], path: Path) -> int:
+def _grid_figure(subject: int, runs: Sequence[ReportRun], path: Path) -> int:
     """Ground truth in the first row, one row per method below; returns the number of columns drawn."""
     truth = next((t for t in (_truth_of(r) for r in runs) if t is not None), None)
     rows: list[tuple[str, list[np.ndarray]]] = []
     if truth is not None:
         rows.append(("ground truth", truth))
     for run in runs:
-        recons = [_load_rgb(p) for p in (run.get("recon_paths") or [])[:MAX_GRID_IMAGES]]
-        rows.append((_method_label(run["method"]), recons))
+        recons = [_load_rgb(p) for p in run.recon_paths[:MAX_GRID_IMAGES]]
+        rows.append((_method_label(run.method), recons))
     n_cols = max((len(images) for _, images in rows), default=0)
     if n_cols == 0:
         return 0
@@ -207,8 +190,8 @@ def _grid_figure(subject: int, runs: Sequence[Mapping], path: Path) -> int:
     return n_cols
 
 
-def _curves_figure(subject: int, runs: Sequence[Mapping], path: Path) -> bool:
-    tags = sorted({tag for run in runs for tag, points in (run.get("curves") or {}).items() if len(points)})
+def _curves_figure(subject: int, runs: Sequence[ReportRun], path: Path) -> bool:
+    tags = sorted({tag for run in runs for tag, points in run.curves.items() if len(points)})
     if not tags:
         return False
     plt = _plt()
@@ -219,13 +202,13 @@ def _curves_figure(subject: int, runs: Sequence[Mapping], path: Path) -> bool:
     for k, tag in enumerate(tags):
         ax = axes[k // n_cols][k % n_cols]
         for m, run in enumerate(runs):
-            points = (run.get("curves") or {}).get(tag)
+            points = run.curves.get(tag)
             if not points:
                 continue
             steps, values = zip(*[(float(s), float(v)) for s, v in points], strict=True)
             style = "-" if len(points) > 1 else "o"
-            ax.plot(steps, values, style, label=str(run["method"]), color=colours[m % len(colours)], lw=1.4, ms=4)
-        plotted = [float(v) for run in runs for _, v in (run.get("curves") or {}).get(tag, [])]
+            ax.plot(steps, values, style, label=run.method, color=colours[m % len(colours)], lw=1.4, ms=4)
+        plotted = [float(v) for run in runs for _, v in run.curves.get(tag, [])]
         finite = [v for v in plotted if math.isfinite(v)]
         if finite and min(finite) > 0 and max(finite) / min(finite) > 30:
             ax.set_yscale("log")  # losses that fall by orders of magnitude stay readable
@@ -329,22 +312,22 @@ def _unique(dicts: Sequence[Mapping | None]) -> list[Mapping]:
 
 def _metric_cells(metrics: Mapping, ci95: Mapping | None = None, uncalibrated=()) -> str:
     metrics, ci95 = _canonical_map(metrics), _canonical_map(ci95)
-    unc = {_canonical(m) for m in uncalibrated}
+    unc = {canonical_metric(m) for m in uncalibrated}
     cells = []
-    for key, _, _, _ in COLUMNS:
-        text = _e(format_metric(key, metrics.get(key)))
+    for spec in METRIC_TABLE:
+        key = spec.key
+        text = _e(spec.format(metrics.get(key)))
         if key in unc and key in metrics:
             text = f'<span class="unc" title="uncalibrated">{text}{DAGGER}</span>'
         interval = ci95.get(key)
         if interval is not None and len(interval) == 2 and all(math.isfinite(float(v)) for v in interval):
-            text += f'<span class="ci">[{_e(_format_interval(key, interval))}]</span>'
+            text += f'<span class="ci">[{_e(format_interval(key, interval))}]</span>'
         cells.append(f"<td>{text}</td>")
     return "".join(cells)
 
 
-def _params_text(run: Mapping) -> str:
-    """``params`` as given (e.g. "0.73B"), or an integer ``parameters`` count shown in millions."""
-    value = run.get("params") or run.get("parameters")
+def _params_text(value) -> str:
+    """A parameter count as given (e.g. "0.73B"), or an integer count shown in millions."""
     if isinstance(value, int | np.integer) and not isinstance(value, bool):
         return f"{int(value) / 1e6:.1f}M" if value >= 100_000 else str(int(value))
     return str(value or "")
@@ -352,9 +335,9 @@ def _params_text(run: Mapping) -> str:
 
 def _header(clip_label: str | None) -> str:
     cells = []
-    for key, title, lower, _ in COLUMNS:
-        note = f'<span class="ci">{_e(clip_label)}</span>' if key == "CLIP" and clip_label else ""
-        cells.append(f"<th>{_e(title)}{'&darr;' if lower else '&uarr;'}{note}</th>")
+    for spec in METRIC_TABLE:
+        note = f'<span class="ci">{_e(clip_label)}</span>' if spec.key == "CLIP" and clip_label else ""
+        cells.append(f"<th>{_e(spec.title)}{'&darr;' if spec.lower_is_better else '&uarr;'}{note}</th>")
     return "".join(cells)
 
 
@@ -364,31 +347,32 @@ def _published_rows(published: Sequence[Mapping], n_cols: int) -> str:
     for row in published:
         prow.append(f'<tr><td class="name">{_e(row.get("method", ""))} <small>(published)</small></td>'
                     f'<td>{_e(row.get("subjects", ""))}</td>{_metric_cells(row.get("metrics") or {})}'
-                    f'<td>{_e(row.get("params") or "")}</td></tr>')
+                    f'<td>{_e(_params_text(row.get("params")))}</td></tr>')
     return '<tbody class="published">' + "".join(prow) + "</tbody>"
 
 
-def _metric_table(runs: Sequence[Mapping], published: Sequence[Mapping], clip_label: str | None = None
+def _metric_table(runs: Sequence[ReportRun], published: Sequence[Mapping], clip_label: str | None = None
                   ) -> tuple[str, bool]:
     """Our rows (and mean rows); published rows below them, or, when our CLIP metric used another network
     (``clip_label``), in a table of their own so that no number of ours sits in a published CLIP column."""
-    n_cols = len(COLUMNS) + 3
+    n_cols = len(METRIC_TABLE) + 3
     rows = [f'<tr class="block"><td colspan="{n_cols}">ours</td></tr>']
     any_unc = False
-    for run in sorted(runs, key=lambda r: (int(r["subject"]), str(r["method"]))):
-        unc = list(run.get("uncalibrated") or [])
-        any_unc |= bool({_canonical(u) for u in unc} & {_canonical(m) for m in (run.get("metrics") or {})})
-        rows.append(f'<tr><td class="name">{_e(_method_label(run["method"]))}</td><td>{_e(run["subject"])}</td>'
-                    f'{_metric_cells(run.get("metrics") or {}, run.get("ci95"), unc)}'
-                    f'<td>{_e(_params_text(run))}</td></tr>')
-    subjects = sorted({int(r["subject"]) for r in runs})
+    for run in sorted(runs, key=lambda r: (r.subject, r.method)):
+        e = run.evaluation
+        any_unc |= bool({canonical_metric(u) for u in e.uncalibrated} & set(_canonical_map(e.metrics)))
+        rows.append(f'<tr><td class="name">{_e(_method_label(run.method))}</td><td>{_e(run.subject)}</td>'
+                    f'{_metric_cells(e.metrics, e.ci95, e.uncalibrated)}'
+                    f'<td>{_e(_params_text(e.parameters))}</td></tr>')
+    subjects = sorted({r.subject for r in runs})
     if len(subjects) > 1:
-        for method in sorted({str(r["method"]) for r in runs}):
-            members = [r for r in runs if str(r["method"]) == method]
-            maps = [_canonical_map(r.get("metrics")) for r in members]
-            mean = {k: float(np.mean([m[k] for m in maps])) for k, *_ in COLUMNS if all(k in m for m in maps)}
-            unc = {_canonical(u) for r in members for u in (r.get("uncalibrated") or [])}
-            who = ",".join(str(int(r["subject"])) for r in sorted(members, key=lambda r: int(r["subject"])))
+        for method in sorted({r.method for r in runs}):
+            members = [r for r in runs if r.method == method]
+            maps = [_canonical_map(r.evaluation.metrics) for r in members]
+            mean = {s.key: float(np.mean([m[s.key] for m in maps])) for s in METRIC_TABLE
+                    if all(s.key in m for m in maps)}
+            unc = {canonical_metric(u) for r in members for u in r.evaluation.uncalibrated}
+            who = ",".join(str(r.subject) for r in sorted(members, key=lambda r: r.subject))
             rows.append(f'<tr class="mean"><td class="name">{_e(_method_label(method))} (mean)</td><td>{_e(who)}</td>'
                         f'{_metric_cells(mean, None, unc)}<td></td></tr>')
     body = "<tbody>" + "".join(rows) + "</tbody>"
@@ -403,58 +387,72 @@ def _metric_table(runs: Sequence[Mapping], published: Sequence[Mapping], clip_la
     return table, any_unc
 
 
-def _flatten_numbers(values: Mapping, prefix: str = "") -> list[tuple[str, float]]:
-    out = []
-    for k, v in values.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out += _flatten_numbers(v, name + " / ")
-        elif isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool):
-            out.append((name, v))
-    return out
+_RETRIEVAL_LABELS = {"image": ("image", "decoded image embedding"), "text": ("text", "decoded text embedding")}
 
 
-def _retrieval_table(runs: Sequence[Mapping]) -> str:
-    rows = [r for r in sorted(runs, key=lambda r: (int(r["subject"]), str(r["method"]))) if r.get("retrieval")]
+def _top1_cell(summary: Mapping | None) -> str:
+    if not summary or not math.isfinite(float(summary.get("mean", float("nan")))):
+        return "<td>\u2013</td>"
+    text = f"{100 * float(summary['mean']):.1f}%"
+    low, high = summary.get("ci95_low"), summary.get("ci95_high")
+    if low is not None and high is not None and math.isfinite(float(low)) and math.isfinite(float(high)):
+        text += f'<span class="ci">[{100 * float(low):.1f}\u2013{100 * float(high):.1f}]</span>'
+    return f"<td>{text}</td>"
+
+
+def _retrieval_table(runs: Sequence[ReportRun]) -> str:
+    """Top-1 n-way accuracy in both directions (with the interval) and Recall@K, per decoded embedding."""
+    rows = []
+    ks: list[int] = []
+    for run in sorted(runs, key=lambda r: (r.subject, r.method)):
+        for kind, report in run.evaluation.retrieval.items():
+            rows.append((run, kind, report))
+            ks = ks or list(report.get("recall_at_k", {}).get("ks", []))
     if not rows:
         return ""
-    flat = [dict(_flatten_numbers(r["retrieval"])) for r in rows]
-    preferred = ["image_top1", "brain_top1", "n_way"]
-    keys = [k for k in preferred if any(k in f for f in flat)]
-    keys += sorted({k for f in flat for k in f} - set(keys))
+    head = ('<th class="name">method</th><th>subject</th><th class="name">embedding</th><th>n-way</th>'
+            "<th>image retrieval top-1<span class=\"ci\">brain &rarr; image</span></th>"
+            "<th>brain retrieval top-1<span class=\"ci\">image &rarr; brain</span></th>"
+            + "".join(f"<th>R@{k}<span class=\"ci\">brain &rarr; image</span></th>" for k in ks)
+            + "".join(f"<th>R@{k}<span class=\"ci\">image &rarr; brain</span></th>" for k in ks))
+    body = []
+    for run, kind, report in rows:
+        top1 = report.get("top1_n_way", {})
+        recall = report.get("recall_at_k", {})
+        cells = [_top1_cell(top1.get("image_retrieval")), _top1_cell(top1.get("brain_retrieval"))]
+        for direction in ("image_retrieval", "brain_retrieval"):
+            values = recall.get(direction, {})
+            cells += [f"<td>{100 * float(values[f'recall@{k}']):.1f}%</td>" if f"recall@{k}" in values
+                      else "<td>\u2013</td>" for k in ks]
+        body.append(f'<tr><td class="name">{_e(_method_label(run.method))}</td><td>{_e(run.subject)}</td>'
+                    f'<td class="name">{_e(_RETRIEVAL_LABELS.get(kind, (kind,))[0])}</td>'
+                    f"<td>{_e(top1.get('n_way', ''))}</td>" + "".join(cells) + "</tr>")
+    n_items = rows[0][2].get("n_items", "")
+    return (f'<h2 id="retrieval">Retrieval</h2><table id="retrieval-table"><thead><tr>{head}</tr></thead><tbody>'
+            + "".join(body) + "</tbody></table>"
+            '<p class="legend"><b>Image retrieval</b> (brain &rarr; image): each decoded embedding ranks the candidate '
+            "CLIP embeddings of the test images; <b>brain retrieval</b> (image &rarr; brain): each image's embedding "
+            "ranks the decoded embeddings. MindEye1's code names these two directions the other way round (its "
+            "similarity matrix is transposed). Top-1: accuracy among n-way random test items (chance 1/n), "
+            f"30 random subsets; bracketed: {_e(INTERVAL)} (MindEye's scripts use sd with ddof=0, an interval 1.7% "
+            f"narrower). R@K: Recall@K among all {_e(n_items)} test items (BrainCLIP's measure). The text row scores "
+            "the decoded text embedding against the captions' CLIP text embeddings.</p>")
 
-    def cell(key, value):
-        if value is None:
-            return "<td>\u2013</td>"
-        if isinstance(value, int | np.integer) or key.endswith("n_way") or key.endswith("n_repeats"):
-            return f"<td>{int(value)}</td>"
-        value = float(value)
-        return f"<td>{100 * value:.1f}%</td>" if 0.0 <= value <= 1.0 else f"<td>{value:.3f}</td>"
 
-    titles = {"image_top1": "image retrieval top-1", "brain_top1": "brain retrieval top-1", "n_way": "n-way"}
-    head = "".join(f"<th>{_e(titles.get(k, k))}</th>" for k in keys)
-    body = "".join(f'<tr><td class="name">{_e(_method_label(r["method"]))}</td><td>{_e(r["subject"])}</td>'
-                   + "".join(cell(k, f.get(k)) for k in keys) + "</tr>" for r, f in zip(rows, flat, strict=True))
-    return (f'<h2 id="retrieval">Retrieval</h2><table><thead><tr><th class="name">method</th><th>subject</th>{head}'
-            f"</tr></thead><tbody>{body}</tbody></table>"
-            '<p class="legend">Top-1 accuracy among n-way random test items (chance = 1/n). Image retrieval: a brain '
-            "embedding searches the images; brain retrieval: an image searches the brain embeddings.</p>")
-
-
-def _scene_table(runs: Sequence[Mapping]) -> str:
-    rows = [r for r in sorted(runs, key=lambda r: (int(r["subject"]), str(r["method"]))) if r.get("scene_checks")]
+def _scene_table(runs: Sequence[ReportRun]) -> str:
+    rows = [r for r in sorted(runs, key=lambda r: (r.subject, r.method)) if r.evaluation.scene_checks]
     if not rows:
         return ""
     body = []
     for r in rows:
-        c = r["scene_checks"]
+        c = r.evaluation.scene_checks
         interval = c.get("ci95")
         ci = (f'<span class="ci">[{100 * interval[0]:.1f}\u2013{100 * interval[1]:.1f}]</span>'
               if interval is not None and len(interval) == 2 else "")
-        body.append(f'<tr><td class="name">{_e(_method_label(r["method"]))}</td><td>{_e(r["subject"])}</td>'
+        body.append(f'<tr><td class="name">{_e(_method_label(r.method))}</td><td>{_e(r.subject)}</td>'
                     f'<td>{100 * float(c["category_agreement"]):.1f}%{ci}</td>'
                     f'<td>{100 * float(c["truth_zero_shot"]):.1f}%</td></tr>')
-    clip = _e(rows[0]["scene_checks"].get("clip", ""))
+    clip = _e(rows[0].evaluation.scene_checks.get("clip", ""))
     return ('<h2 id="scene-checks">Category agreement with the scenes</h2><table><thead><tr><th class="name">method'
             '</th><th>subject</th><th>reconstructions</th><th>true images</th></tr></thead><tbody>'
             + "".join(body) + "</tbody></table>"
@@ -489,13 +487,13 @@ def _analyses_html(analyses: Sequence[Mapping]) -> list[str]:
     return parts
 
 
-def _render_html(title: str, runs: Sequence[Mapping], published: Sequence[Mapping], figures: Mapping,
+def _render_html(title: str, runs: Sequence[ReportRun], published: Sequence[Mapping], figures: Mapping,
                  debug_image_check: bool, clip_label: str | None = None, notes: Sequence[str] = (),
                  analyses: Sequence[Mapping] = ()) -> str:
-    protocols = _unique([r.get("protocol") for r in runs])
-    datas = _unique([r.get("data") for r in runs])
-    subjects = sorted({int(r["subject"]) for r in runs})
-    methods = sorted({str(r["method"]) for r in runs})
+    protocols = _unique([r.protocol for r in runs])
+    datas = _unique([r.data for r in runs])
+    subjects = sorted({r.subject for r in runs})
+    methods = sorted({r.method for r in runs})
     protocol_line = "; ".join(_e(_summary(p, ("name", "image_size", "clip_model"))) for p in protocols) or "not given"
     data_line = "; ".join(_e(_summary(d, ("test_set", "n_images", "preset", "dataset"))) for d in datas) or "not given"
     parts = [
@@ -554,15 +552,14 @@ def _render_html(title: str, runs: Sequence[Mapping], published: Sequence[Mappin
 # --------------------------------------------------------------------------- entry point
 
 
-def _validate(runs: Sequence[Mapping]) -> None:
+def _validate(runs: Sequence[ReportRun]) -> None:
     if not runs:
         raise ValueError("write_report: no runs given")
     seen = set()
     for k, run in enumerate(runs):
-        for field in ("subject", "method"):
-            if field not in run:
-                raise ValueError(f"write_report: run {k} lacks {field!r}")
-        key = (int(run["subject"]), str(run["method"]))
+        if not isinstance(run, ReportRun):
+            raise ValueError(f"write_report: run {k} is a {type(run).__name__}; expected a ReportRun")
+        key = (run.subject, run.method)
         if key in seen:
             raise ValueError(f"write_report: subject {key[0]} method {key[1]!r} given twice")
         seen.add(key)
@@ -585,7 +582,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_report(out_dir, runs: Sequence[Mapping], title: str = "BrainMCLIP reconstruction report",
+def write_report(out_dir, runs: Sequence[ReportRun], title: str = "BrainMCLIP reconstruction report",
                  published: Sequence[Mapping] | None = None, debug_image_check: bool = False,
                  clip_label: str | None = None, notes: Sequence[str] = (), analyses: Sequence[Mapping] = ()) -> Path:
     """Write ``out_dir/index.html`` and ``out_dir/figures/*.png``; return the path of index.html.
@@ -607,8 +604,8 @@ def write_report(out_dir, runs: Sequence[Mapping], title: str = "BrainMCLIP reco
     try:
         (tmp / "figures").mkdir()
         figures: dict[int, dict] = {}
-        for subject in sorted({int(r["subject"]) for r in runs}):
-            members = sorted([r for r in runs if int(r["subject"]) == subject], key=lambda r: str(r["method"]))
+        for subject in sorted({r.subject for r in runs}):
+            members = sorted([r for r in runs if r.subject == subject], key=lambda r: r.method)
             entry: dict = {}
             n = _grid_figure(subject, members, tmp / "figures" / f"subj{subject:02d}_grid.png")
             if n:

@@ -8,8 +8,15 @@ diagonal):
   most similar one? Averaged over random subsets, reported with a 95% confidence interval.
 * BrainCLIP's Recall@K over all test items: is the true partner among the ``K`` most similar?
 
-"Image retrieval" is brain -> image (a row searches the columns); "brain retrieval" is
-image -> brain (a column searches the rows).
+"Image retrieval" is brain -> image (a brain embedding searches the images: a row searches the
+columns); "brain retrieval" is image -> brain (an image searches the brain embeddings: a column
+searches the rows). MindEye1's code builds its similarity matrix the other way round (rows images)
+and so calls the first direction "brain retrieval": its "image retrieval" numbers are our brain
+retrieval. Results carry both names with their direction (:data:`DIRECTIONS`).
+
+The interval of a top-1 accuracy is ``mean ± 1.96 * sd / sqrt(repeats)`` over the random subsets,
+with the sample standard deviation (``ddof=1``); MindEye's scripts use ``ddof=0``, which makes the
+interval narrower by a factor ``sqrt((R - 1) / R)`` (0.983 for 30 repeats).
 """
 
 from __future__ import annotations
@@ -19,7 +26,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["similarity_matrix", "draw_subsets", "top1_n_way", "recall_at_k", "retrieval_report"]
+__all__ = ["DIRECTIONS", "INTERVAL", "decoded_retrieval", "draw_subsets", "pairwise_identification", "recall_at_k",
+           "retrieval_report", "similarity_matrix", "top1_n_way"]
+
+#: What each direction means, stored with every result so a table never has to guess.
+DIRECTIONS = {
+    "image_retrieval": "brain -> image: each brain embedding ranks the candidate images (MindEye1's code calls "
+                       "this brain retrieval)",
+    "brain_retrieval": "image -> brain: each image ranks the candidate brain embeddings (MindEye1's code calls "
+                       "this image retrieval)",
+}
+#: How the top-1 interval is computed.
+INTERVAL = "mean ± 1.96 · sd(ddof=1) / √repeats over the random subsets"
 
 # Budget for one column chunk of both inputs, cast to float32, in similarity_matrix.
 _CHUNK_BYTES = 64 * 2**20
@@ -167,7 +185,8 @@ def top1_n_way(similarity, n_way: int = 300, n_repeats: int = 30, seed: int = 0)
     dict
         ``image_retrieval`` and ``brain_retrieval``, each ``{"mean", "ci95_low", "ci95_high",
         "per_repeat"}`` (fractions in [0, 1]), plus ``n_way``, ``n_way_requested``, ``n_repeats``,
-        ``n_items`` and, when ``n_way`` was clipped, a ``note``.
+        ``n_items``, ``directions`` (:data:`DIRECTIONS`), ``interval`` (:data:`INTERVAL`) and, when
+        ``n_way`` was clipped, a ``note``.
     """
     s = _square_similarity(similarity)
     n = s.shape[0]
@@ -182,7 +201,8 @@ def top1_n_way(similarity, n_way: int = 300, n_repeats: int = 30, seed: int = 0)
         image_acc[r] = (block.argmax(axis=1) == target).mean()
         brain_acc[r] = (block.argmax(axis=0) == target).mean()
     result = {"image_retrieval": _summary(image_acc), "brain_retrieval": _summary(brain_acc),
-              "n_way": int(k), "n_way_requested": int(n_way), "n_repeats": int(n_repeats), "n_items": int(n)}
+              "n_way": int(k), "n_way_requested": int(n_way), "n_repeats": int(n_repeats), "n_items": int(n),
+              "directions": dict(DIRECTIONS), "interval": INTERVAL}
     if n_way > n:
         result["note"] = f"n_way={n_way} exceeds the {n} items; all {n} were used in every repeat"
     return result
@@ -222,7 +242,7 @@ def recall_at_k(similarity, ks: Sequence[int] = (1, 5, 10)) -> dict:
         return out
 
     return {"image_retrieval": summarise(image_rank), "brain_retrieval": summarise(brain_rank),
-            "ks": ks, "n_items": int(s.shape[0])}
+            "ks": ks, "n_items": int(s.shape[0]), "directions": dict(DIRECTIONS)}
 
 
 def retrieval_report(brain, images, n_way: int = 300, n_repeats: int = 30, seed: int = 0,
@@ -248,3 +268,41 @@ def retrieval_report(brain, images, n_way: int = 300, n_repeats: int = 30, seed:
     s = similarity_matrix(brain, images)
     return {"top1_n_way": top1_n_way(s, n_way=n_way, n_repeats=n_repeats, seed=seed),
             "recall_at_k": recall_at_k(s, ks=ks), "n_items": int(s.shape[0])}
+
+
+def pairwise_identification(similarity) -> float:
+    """Mean over rows i of the share of j != i with ``S[i, i] > S[i, j]`` (ties count half); chance 0.5.
+
+    A smooth score for model selection: unlike top-1 it moves with every pair that changes order.
+    """
+    s = _square_similarity(similarity).astype(np.float64)
+    n = len(s)
+    if n < 2:
+        raise ValueError("pairwise identification needs at least 2 items")
+    diag = np.diag(s)[:, None]
+    wins = (diag > s).sum(1) + 0.5 * ((diag == s).sum(1) - 1)
+    return float(wins.mean() / (n - 1))
+
+
+def decoded_retrieval(predictions, store, n_way: int = 300, n_repeats: int = 30, seed: int = 0,
+                      ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """:func:`retrieval_report` of each decoded embedding against its CLIP targets in a feature store.
+
+    ``predictions`` is a :class:`~brainmclip.types.DecodedEmbeddings`; ``store`` an open feature store.
+    The image embedding is scored against the fused image target (mean of the semantic and detail
+    layers, what Versatile Diffusion is conditioned on), the text embedding against the text target.
+    Returns ``{"image": report, "text": report}`` for the embeddings the predictions hold; ``n_way``
+    is clipped to the number of test items.
+    """
+    kinds = [k for k in ("image", "text") if getattr(predictions, k) is not None]
+    if not kinds:
+        return {}
+    fields = (("image_semantic", "image_detail") if "image" in kinds else ()) + (("text",) if "text" in kinds else ())
+    targets = store.get(predictions.stimulus_ids, fields)
+    out = {}
+    n_way = min(n_way, len(predictions.stimulus_ids))
+    for kind in kinds:
+        target = (targets["image_semantic"] + targets["image_detail"]) / 2 if kind == "image" else targets["text"]
+        out[kind] = retrieval_report(np.asarray(getattr(predictions, kind), np.float32), target, n_way=n_way,
+                                     n_repeats=n_repeats, seed=seed, ks=ks)
+    return out

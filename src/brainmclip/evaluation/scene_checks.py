@@ -18,11 +18,13 @@ __all__ = ["SceneChecker", "scene_root"]
 
 def scene_root(prepared_dir: Path) -> Path | None:
     """The simulated NSD a prepared dataset came from, or None (real NSD, published formats)."""
+    from brainmclip.paths import resolve_path
+
     manifest = json.loads((Path(prepared_dir) / "manifest.json").read_text())
-    root = manifest.get("nsd_root")
-    if root and (Path(root) / "simulation" / "scenes.jsonl").is_file():
-        return Path(root)
-    return None
+    if not manifest.get("nsd_root"):
+        return None
+    root = resolve_path(manifest["nsd_root"], prepared_dir)
+    return root if (root / "simulation" / "scenes.jsonl").is_file() else None
 
 
 class SceneChecker:

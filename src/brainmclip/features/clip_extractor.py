@@ -1,4 +1,4 @@
-"""Multi-layer CLIP features in Versatile Diffusion's conditioning space (SPEC section 4).
+"""Multi-layer CLIP features in Versatile Diffusion's conditioning space (the targets BrainMCLIP learns).
 
 For a vision layer k (output of transformer block k, HF ``hidden_states[k]``) every token is
 passed through ``post_layernorm`` and ``visual_projection`` and divided by the norm of the
@@ -62,7 +62,7 @@ class ClipFeatureExtractor:
         return next(self.towers.vision.parameters()).device
 
     def _autocast(self):
-        # bf16 on GPU only: on this CPU bf16 matmuls are orders of magnitude slower than fp32.
+        # bf16 on GPU only: on CPUs without bf16 units bf16 matmuls are orders of magnitude slower than fp32.
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()

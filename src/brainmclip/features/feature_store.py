@@ -136,7 +136,7 @@ class FeatureStore:
         ids = np.asarray(ids, np.int64).ravel()
         missing = [int(i) for i in ids if int(i) not in index]
         if missing:
-            raise KeyError(f"{len(missing)} images not in the feature store {self.root} (first NSD id {missing[0]}); "
+            raise ValueError(f"{len(missing)} images not in the feature store {self.root} (first NSD id {missing[0]}); "
                            "run brainmclip extract on the prepared dataset first")
         out = {}
         for target in targets:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from brainmclip import __version__
 from brainmclip.atomic import atomic_path, read_manifest, remove_stale_temporaries, write_json_atomic
 from brainmclip.models.predictions import load_predictions
+from brainmclip.paths import record_path, resolve_path
 from brainmclip.types import GeneratedImages
 
 __all__ = ["ReconstructOptions", "reconstruct", "load_reconstructions", "image_seed"]
@@ -112,12 +113,12 @@ def reconstruct(pred_dir, out, options: ReconstructOptions | None = None, force:
     if pred.image is None and options.samples > 1:
         raise ValueError(f"{pred_dir}: best-of-N (samples={options.samples}) compares candidates with the predicted "
                          "image embedding, and these text-only predictions have none; use samples=1")
-    settings = {"options": asdict(options), "predictions": str(pred_dir.resolve()),
+    settings = {"options": asdict(options), "predictions": record_path(pred_dir, out),
                 "predictions_manifest": pred.manifest.get("run"), "method": pred.method, "subject": pred.subject}
     manifest_file = out / "manifest.json"
     if manifest_file.exists():
         previous = json.loads(manifest_file.read_text())
-        if previous.get("settings") != json.loads(json.dumps(settings)) and not force:
+        if not _same_settings(previous.get("settings"), settings, out) and not force:
             raise FileExistsError(f"{out} holds reconstructions made with other settings; pass --force or choose "
                                   "another --out")
     elif out.exists() and any(p.suffix == ".png" for p in out.iterdir()) and not force:
@@ -125,7 +126,7 @@ def reconstruct(pred_dir, out, options: ReconstructOptions | None = None, force:
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
 
-    # bf16 on GPU only (this CPU's bf16 matmuls are very slow).
+    # bf16 on GPU only: bf16 matmuls are very slow on most CPUs.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     generator, identity = _load_generator(options.generator, device, dtype)
@@ -134,7 +135,7 @@ def reconstruct(pred_dir, out, options: ReconstructOptions | None = None, force:
     if needs_clip:
         towers = load_clip(options.clip, device=device)
         last = towers.n_vision_layers  # VD's unconditional image is the last layer's tokens of a grey image
-        layers = _target_layers(pred) if options.samples > 1 else {}
+        layers = _target_layers(pred, pred_dir) if options.samples > 1 else {}
         extractor = ClipFeatureExtractor(towers, detail_layers=layers.get("detail_layers", (last,)),
                                          semantic_layer=layers.get("semantic_layer", last),
                                          merge=layers.get("merge", "project-then-average"))
@@ -176,7 +177,7 @@ def reconstruct(pred_dir, out, options: ReconstructOptions | None = None, force:
                 uncond_text=uncond_text if text is not None else None, generator=gens, init_images=init,
                 strength=options.strength, height=size, width=size))
         chosen, scores = _choose(candidates, pred.image[rows] if pred.image is not None else None, extractor,
-                                 _branches(pred))
+                                 _branches(pred, pred_dir))
         for j, r in enumerate(rows):
             pixels = candidates[chosen[j]][j]
             with atomic_path(out / _png_name(ids[r])) as tmp:
@@ -209,19 +210,42 @@ def _init_images(options: ReconstructOptions, ids) -> np.ndarray:
     return np.stack(images)
 
 
-def _run_of(pred) -> dict:
-    run_dir = pred.manifest.get("run")
-    run_file = Path(run_dir) / "run.json" if run_dir else None
-    return json.loads(run_file.read_text()) if run_file and run_file.is_file() else {}
+def _same_settings(previous: dict | None, settings: dict, out: Path) -> bool:
+    """Whether a folder's saved settings are ``settings``, comparing the recorded paths by where they lead.
+
+    Older manifests record the predictions folder (and the run behind it) as absolute paths, newer
+    ones relative to the manifest's folder; both name the same folders.
+    """
+    if previous is None:
+        return False
+    previous = dict(previous)
+    current = json.loads(json.dumps(settings))
+    for recorded in (previous, current):
+        if recorded.get("predictions") is not None:
+            recorded["predictions"] = str(resolve_path(recorded["predictions"], out).resolve())
+    pred_base = Path(current["predictions"])
+    for recorded in (previous, current):
+        if recorded.get("predictions_manifest") is not None:
+            recorded["predictions_manifest"] = str(resolve_path(recorded["predictions_manifest"], pred_base).resolve())
+    return previous == current
 
 
-def _target_layers(pred) -> dict:
+def _run_of(pred, pred_dir: Path) -> tuple[dict, Path | None]:
+    """The run.json behind predictions in ``pred_dir`` (empty if unknown) and its run folder."""
+    recorded = pred.manifest.get("run")
+    run_dir = resolve_path(recorded, pred_dir) if recorded else None
+    run_file = run_dir / "run.json" if run_dir else None
+    return (json.loads(run_file.read_text()) if run_file and run_file.is_file() else {}), run_dir
+
+
+def _target_layers(pred, pred_dir: Path) -> dict:
     """The CLIP layers and merge of the feature store the predictions' decoder was trained on."""
-    features = _run_of(pred).get("features")
-    manifest = Path(features) / "manifest.json" if features else None
+    run, run_dir = _run_of(pred, pred_dir)
+    features = resolve_path(run["features"], run_dir) if run.get("features") else None
+    manifest = features / "manifest.json" if features else None
     if manifest is None or not manifest.is_file():
         raise FileNotFoundError(f"best-of-N embeds candidates like the decoder's targets, but the feature store "
-                                f"behind the run {pred.manifest.get('run')!r} is not available ({features!r})")
+                                f"behind the run {pred.manifest.get('run')!r} is not available ({features})")
     extractor = json.loads(manifest.read_text()).get("settings", {}).get("extractor", {})
     missing = {"detail_layers", "semantic_layer", "merge"} - set(extractor)
     if missing:
@@ -229,9 +253,9 @@ def _target_layers(pred) -> dict:
     return {k: extractor[k] for k in ("detail_layers", "semantic_layer", "merge")}
 
 
-def _branches(pred) -> tuple[str, ...]:
+def _branches(pred, pred_dir: Path) -> tuple[str, ...]:
     """Which image targets the decoder learned as Ê_I: both paths (fused) unless its model had only one."""
-    branches = _run_of(pred).get("model_config", {}).get("branches")
+    branches = _run_of(pred, pred_dir)[0].get("model_config", {}).get("branches")
     return tuple(branches) if branches else ("image_semantic", "image_detail")
 
 
@@ -270,6 +294,6 @@ def _choose(candidates: list[np.ndarray], predicted_image, extractor, branches=(
 def load_reconstructions(path) -> GeneratedImages:
     root = Path(path)
     manifest = read_manifest(root, RECON_FORMAT, "a reconstruction folder", "reconstruct")
-    pred = load_predictions(manifest["settings"]["predictions"])
+    pred = load_predictions(resolve_path(manifest["settings"]["predictions"], root))
     ids = np.asarray(pred.stimulus_ids)
     return GeneratedImages(root, ids, [root / _png_name(i) for i in ids], manifest)

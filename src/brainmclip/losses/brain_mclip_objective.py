@@ -1,4 +1,7 @@
-"""BrainMCLIP's training objective (paper Eqs. 4-5, with SPEC section 5's reading of them).
+"""BrainMCLIP's training objective: paper Eqs. 4-5, with the tensors each term compares spelled out.
+
+E and e are CLIP targets, Ê and ê the model's predictions, F_S and F_D the fMRI inputs and
+D_S(b_S) the text branch's reconstruction of F_S from its code b_S:
 
     L_text  = L_MG(E_T, Ê_T) + MSE(F_S, D_S(b_S))
     L_image = L_MG(E_I, Ê_I) + L_Crec + MSE(e_I,S, ê_I,S) + MSE(e_I,D, ê_I,D)

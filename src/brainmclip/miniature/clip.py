@@ -235,8 +235,11 @@ def _contrastive_step(model: CLIPModel, heads: AuxiliaryHeads, bank, tokenizer, 
 
 
 def train_mini_clip(out, config: str = "clip", overrides: list[str] | None = None, force: bool = False,
-                    cache=None, progress: bool = True, command: str = "") -> Path:
+                    cache=None, progress: bool = True, command: str = "", quality_scenes: int | None = None) -> Path:
     """Train mini-CLIP into ``out`` (resumable) and export it to ``out/model``; returns that folder.
+
+    ``quality_scenes``: held-out scenes the model card's quality figures use (default 500, probes on 1,500;
+    fewer for a quick check, and the card says how many).
 
     ``cache``: where rendered scene banks are kept (default ``out/cache``); the three trainings can share one.
     """
@@ -281,7 +284,8 @@ def train_mini_clip(out, config: str = "clip", overrides: list[str] | None = Non
         folder = export_mini_clip(model, out / "tokenizer", out / "model")
         from brainmclip.miniature.quality import clip_quality
 
-        quality = clip_quality(folder, progress=progress)
+        sizes = {} if quality_scenes is None else {"n": quality_scenes, "n_probe": 3 * quality_scenes}
+        quality = clip_quality(folder, progress=progress, **sizes)
         write_model_card(folder, "mini-CLIP", cfg.description or __doc__.splitlines()[0],
                          command or "brainmclip miniature train clip", cfg.seed, raw,
                          seconds, sum(p.numel() for p in model.parameters()), quality)

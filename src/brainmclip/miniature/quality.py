@@ -134,7 +134,8 @@ def clip_quality(clip="mini", n: int = 500, n_probe: int = 1500, seed: int = 0, 
         "zero_shot_category_accuracy": round(float(_correct(pred, SceneBank(images, [], {k: v[:n] for k, v in
                                                                                         bank.labels.items()}, seed,
                                                                                  "heldout")).mean()), 4),
-        "image_to_caption_top1_of_100": round(caption_retrieval(extractor, images, first_captions), 4),
+        f"image_to_caption_top1_of_{min(100, n)}": round(caption_retrieval(extractor, images, first_captions,
+                                                                             group=min(100, n)), 4),
         "layer_probes": layer_probes(towers, SceneBank(bank.images[:n_probe], [], {k: v[:n_probe] for k, v in
                                                                                     bank.labels.items()}, seed,
                                                          "heldout")),

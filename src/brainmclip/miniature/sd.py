@@ -57,8 +57,10 @@ class _SdConfig:
 
 def train_mini_sd(out, clip: str | Path = "mini", vae: str | Path = "mini", config: str = "sd",
                   overrides: list[str] | None = None, force: bool = False, cache=None, progress: bool = True,
-                  command: str = "") -> Path:
+                  command: str = "", quality_scenes: int | None = None) -> Path:
     """Train mini-SD's UNet into ``out`` (resumable) and export ``out/model``.
+
+    ``quality_scenes``: held-out captions the model card's quality figures use (default 100).
 
     ``vae``: a folder holding an AutoencoderKL, or a mini-VD folder (its ``vae/``), or 'mini' (the shipped mini-VD).
     """
@@ -121,7 +123,8 @@ def train_mini_sd(out, clip: str | Path = "mini", vae: str | Path = "mini", conf
                                 raw.get("scheduler", {}), out / "model")
         from brainmclip.miniature.quality import sd_quality
 
-        quality = sd_quality(folder, clip, progress=progress)
+        quality = sd_quality(folder, clip, progress=progress, **({} if quality_scenes is None else
+                                                                 {"n": quality_scenes}))
         n_params = sum(p.numel() for m in (unet, autoencoder, text_encoder) for p in m.parameters())
         write_model_card(folder, "mini-SD", raw.get("description", ""), command or "brainmclip miniature train sd",
                          seed, settings, stats["seconds"], n_params, quality)

@@ -192,8 +192,11 @@ def _unconvert(image_unet: UNet2DConditionModel) -> None:
 
 
 def train_mini_vd(out, clip: str | Path = "mini", config: str = "vd", overrides: list[str] | None = None,
-                  force: bool = False, cache=None, progress: bool = True, command: str = "") -> Path:
-    """Train the VAE, then mini-VD's UNets on mini-CLIP conditions, into ``out``; export ``out/model``."""
+                  force: bool = False, cache=None, progress: bool = True, command: str = "",
+                  quality_scenes: int | None = None) -> Path:
+    """Train the VAE, then mini-VD's UNets on mini-CLIP conditions, into ``out``; export ``out/model``.
+
+    ``quality_scenes``: held-out scenes the model card's quality figures use (default 100)."""
     with training_folder(out, force) as out:
         raw = load_miniature_config(config, overrides)
         check_keys(_VdConfig, raw, "mini-VD")
@@ -278,7 +281,8 @@ def train_mini_vd(out, clip: str | Path = "mini", config: str = "vd", overrides:
         folder = export_mini_vd(image_unet, text_unet, vae, raw.get("scheduler", {}), out / "model")
         from brainmclip.miniature.quality import vd_quality
 
-        quality = vd_quality(folder, clip, progress=progress)
+        quality = vd_quality(folder, clip, progress=progress, **({} if quality_scenes is None else
+                                                                 {"n": quality_scenes}))
         n_params = sum(p.numel() for m in (image_unet, text_unet, vae) for p in m.parameters())
         write_model_card(folder, "mini-VD", raw.get("description", ""), command or "brainmclip miniature train vd",
                          seed, settings, vae_stats["seconds"] + unet_stats["seconds"], n_params, quality)

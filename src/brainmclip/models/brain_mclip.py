@@ -5,7 +5,8 @@ Image branch: b_I,S = E_I,S(F_S), b_I,D = E_I,D(F_D); one shared backbone and on
 fMRI-image decoder D_I give ê_I,S = D_I(backbone(b_I,S)) and ê_I,D = D_I(backbone(b_I,D));
 Ê_I = (ê_I,S + ê_I,D) / 2. D_I,S and D_I,D reconstruct F_S and F_D from either code: the
 crossed pairs (D_I,D(b_I,S) vs F_D, D_I,S(b_I,D) vs F_S) are the cross-reconstruction.
-F_S are the high-level (floc) voxels, F_D the low- and high-level ones (SPEC sections 2, 5).
+F_S are the high-level (floc) voxels, F_D the low- and high-level ones: the ``semantic`` and ``detail``
+voxel groups of a prepared dataset.
 """
 
 from __future__ import annotations

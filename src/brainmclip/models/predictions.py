@@ -7,7 +7,9 @@
     PRED/image_semantic.npy      float16 (n, 257, embed_dim)   ê_I,S (optional)
     PRED/image_detail.npy        float16 (n, 257, embed_dim)   ê_I,D (optional)
 
-Files are staged and renamed; the manifest is written last with ``"complete": true``.
+Files are staged and renamed; the manifest is written last with ``"complete": true``. Its ``run``
+(the training run folder) is recorded relative to PRED (:func:`brainmclip.paths.record_path`); read
+it with :func:`brainmclip.paths.resolve_path` against PRED.
 """
 
 from __future__ import annotations

@@ -166,7 +166,7 @@ def _svd_factors(X: torch.Tensor, fit_intercept: bool, svd_solver: str = "eigh",
 
     ``"eigh"``: eigendecomposition of the smaller Gram matrix (n x n or p x p), formed and
     decomposed in float64, the other factor recovered as ``X^T U / s`` (or ``X V / s``). On
-    the 2-core CPU here it factored a 1600 x 3000 float32 matrix 2-3x faster than LAPACK's
+    a 2-core x86 CPU it factored a 1600 x 3000 float32 matrix 2-3x faster than LAPACK's
     divide-and-conquer SVD (which also slowed down most when the cores were shared), and
     float64 keeps the squared singular values accurate to ~1e-16 of the largest. Directions
     whose eigenvalue is at round-off level are dropped, so k can be below min(n, p); their
@@ -582,7 +582,7 @@ class RidgeDecoder:
         For ``shuffle``.
     svd_solver : {"eigh", "svd"}
         How each thin SVD is computed. ``"eigh"`` (default): eigendecomposition of the smaller
-        Gram matrix in float64, 2-3x faster than a LAPACK SVD on the CPU here (not measured on
+        Gram matrix in float64, 2-3x faster than a LAPACK SVD on a 2-core x86 CPU (not measured on
         a GPU), with float64 accuracy of s^2; ``"svd"``: ``torch.linalg.svd(full_matrices=False)``
         in ``dtype``.
 

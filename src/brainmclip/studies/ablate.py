@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 from pathlib import Path
 
@@ -43,7 +42,8 @@ TITLES = {3: "Table 3: BrainMCLIP architecture ablation", 4: "Table 4: multi-gra
 def _subject_row(row: Row, data: Path, features, folder: Path, base_configs, overrides, recon_options, eval_kwargs,
                  progress: bool) -> dict:
     """Train -> predict -> reconstruct -> evaluate one row for one subject; each stage skips finished work."""
-    from brainmclip.evaluation.evaluate import evaluate_reconstructions
+    from brainmclip.evaluation.evaluate import evaluate_reconstructions, load_evaluation
+    from brainmclip.evaluation.metric_table import METRICS
     from brainmclip.generation.reconstruct import reconstruct
     from brainmclip.training.predict import predict
 
@@ -52,12 +52,12 @@ def _subject_row(row: Row, data: Path, features, folder: Path, base_configs, ove
     if not (pred / "manifest.json").is_file():
         predict(folder / "run", "test", pred)
     recon = reconstruct(pred, folder / "reconstructions_test", recon_options, progress=progress)
-    metrics_file = folder / "evaluation" / "metrics.json"
-    from brainmclip.evaluation.published import METRIC_NAMES
-
-    wanted = set(eval_kwargs["metrics"] or METRIC_NAMES)
-    report = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
-    if report is None or set(report["runs"][0]["metrics"]) != wanted:
+    wanted = set(eval_kwargs["metrics"] or METRICS)
+    try:
+        report = load_evaluation(folder / "evaluation")
+    except (FileNotFoundError, ValueError):  # not scored yet, or by an older version: score (again)
+        report = None
+    if report is None or set(report["runs"][0].metrics) != wanted:
         if "networks" not in eval_kwargs:  # loaded once, for the first row that needs scoring
             from brainmclip.evaluation.image_metrics import load_metric_networks
 
@@ -67,8 +67,8 @@ def _subject_row(row: Row, data: Path, features, folder: Path, base_configs, ove
     entry = report["runs"][0]
     with np.load(folder / "evaluation" / "per_image.npz") as per_image:
         values = {key.split(":", 1)[1]: per_image[key] for key in per_image.files}
-    return {"metrics": entry["metrics"], "per_image": values, "uncalibrated": entry.get("uncalibrated", []),
-            "retrieval": entry.get("retrieval", {})}
+    return {"metrics": entry.metrics, "per_image": values, "uncalibrated": entry.uncalibrated,
+            "retrieval": entry.retrieval}
 
 
 def run_ablation(table: int, data_dirs, features, out, base_configs=("brain_mclip",), overrides=(),
@@ -84,7 +84,8 @@ def run_ablation(table: int, data_dirs, features, out, base_configs=("brain_mcli
     from brainmclip.analysis.common import write_analysis
     from brainmclip.data.prepared import load_prepared
     from brainmclip.evaluation.evaluate import bootstrap_ci
-    from brainmclip.evaluation.published import METRIC_NAMES, PUBLISHED_ABLATIONS
+    from brainmclip.evaluation.metric_table import METRICS, check_metrics
+    from brainmclip.evaluation.published import PUBLISHED_ABLATIONS
     from brainmclip.generation.reconstruct import ReconstructOptions
 
     if table not in TABLES:
@@ -92,10 +93,9 @@ def run_ablation(table: int, data_dirs, features, out, base_configs=("brain_mcli
     out = Path(out)
     recon_options = recon_options or ReconstructOptions()
     if metrics is not None:
-        unknown = set(metrics) - set(METRIC_NAMES)
-        if unknown or not metrics:
-            raise ValueError(f"Unknown metric(s) {sorted(unknown)}; choose from {list(METRIC_NAMES)}")
-        metrics = [m for m in METRIC_NAMES if m in metrics]
+        if not metrics:
+            raise ValueError(f"no metrics given; choose from {list(METRICS)}")
+        metrics = list(check_metrics(metrics))
     eval_kwargs = {"clip_model": clip_model, "allow_random": allow_random, "n_boot": n_boot, "truth_cache": {},
                    "metrics": metrics}
     subjects = [(load_prepared(d, images=False).subject, Path(d)) for d in data_dirs]
@@ -105,18 +105,18 @@ def run_ablation(table: int, data_dirs, features, out, base_configs=("brain_mcli
     for row in TABLES[table]:
         per_subject = [_subject_row(row, data, features, row_folder(out, row, subject), base_configs, overrides,
                                     recon_options, eval_kwargs, progress) for subject, data in subjects]
-        pooled = {m: np.concatenate([s["per_image"][m] for s in per_subject]) for m in METRIC_NAMES
+        pooled = {m: np.concatenate([s["per_image"][m] for s in per_subject]) for m in METRICS
                   if all(m in s["per_image"] for s in per_subject)}
         results[row.name] = {
             "row": row, "pooled": pooled,
             "mean": {m: float(np.mean([s["metrics"][m] for s in per_subject])) for m in pooled},
             "ci95": {m: bootstrap_ci(pooled[m], n_boot) for m in pooled},
             "uncalibrated": sorted({u for s in per_subject for u in s["uncalibrated"]})}
-    rows = _table_rows(table, results, PUBLISHED_ABLATIONS[table], METRIC_NAMES)
+    rows = _table_rows(table, results, PUBLISHED_ABLATIONS[table], METRICS)
     folder = out / f"table{table}"
     folder.mkdir(parents=True, exist_ok=True)
-    _write_tables(folder, rows, METRIC_NAMES)
-    _figure(table, rows, METRIC_NAMES, folder / "figure.png")
+    _write_tables(folder, rows, METRICS)
+    _figure(table, rows, METRICS, folder / "figure.png")
     uncalibrated = sorted({u for r in results.values() for u in r["uncalibrated"]})
     caption = (f"Each row trained, reconstructed and scored on the test set of subject(s) "
                f"{', '.join(str(s) for s, _ in subjects)} (ours: mean over subjects, [95% bootstrap interval]; "
@@ -127,7 +127,7 @@ def run_ablation(table: int, data_dirs, features, out, base_configs=("brain_mcli
     if uncalibrated:
         caption += f" Uncalibrated (random metric networks): {', '.join(uncalibrated)}."
     write_analysis(folder, f"ablation_table{table}", TITLES[table], caption, table=[
-        {"row": r["label"], "source": r["source"], **{m: r["values"].get(m, "") for m in METRIC_NAMES},
+        {"row": r["label"], "source": r["source"], **{m: r["values"].get(m, "") for m in METRICS},
          **{f"p {m} vs Ours": _p_text(r.get("p_values", {}).get(m)) for m in ("PixCorr", "CLIP")}} for r in rows],
         settings={"table": table, "subjects": [s for s, _ in subjects], "base_configs": list(base_configs),
                   "overrides": list(overrides), "clip_model": clip_model, "features": str(features)})

@@ -10,7 +10,7 @@ import torch
 
 from brainmclip.atomic import atomic_path
 
-__all__ = ["save_checkpoint", "load_checkpoint", "identity_of"]
+__all__ = ["save_checkpoint", "load_checkpoint", "identity_of", "same_identities"]
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -30,3 +30,15 @@ def identity_of(manifest_file: Path) -> dict:
     text = Path(manifest_file).read_text()
     return {"path": str(Path(manifest_file).parent.resolve()), "manifest_sha256": hashlib.sha256(text.encode()).hexdigest(),
             "format": json.loads(text).get("format")}
+
+
+def same_identities(a: dict, b: dict) -> bool:
+    """Whether two ``{name: identity_of(...)}`` maps name the same data, wherever it lies now.
+
+    The manifests' hashes and formats decide; the recorded folder does not, so a run whose data
+    and run folders were moved together still resumes.
+    """
+    def content(identities: dict) -> dict:
+        return {name: {k: v for k, v in identity.items() if k != "path"} for name, identity in identities.items()}
+
+    return content(a) == content(b)

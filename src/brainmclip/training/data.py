@@ -20,6 +20,8 @@ class PairedSplit:
 
     def __init__(self, prepared: PreparedSubject, split: str, store: FeatureStore | None,
                  semantic_group: str = "semantic", detail_group: str = "detail"):
+        if split not in prepared.splits:
+            raise ValueError(f"Unknown split={split!r}; choose from {sorted(prepared.splits)}")
         self.samples = prepared.splits[split]
         self.semantic_idx = prepared.voxels.group(semantic_group)
         self.detail_idx = prepared.voxels.group(detail_group)

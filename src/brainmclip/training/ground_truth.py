@@ -16,6 +16,7 @@ from brainmclip import __version__
 from brainmclip.atomic import write_json_atomic
 from brainmclip.data.prepared import load_prepared
 from brainmclip.features.feature_store import open_feature_store
+from brainmclip.paths import record_path, resolve_path
 from brainmclip.training.checkpoint import identity_of
 from brainmclip.training.data import PairedSplit
 
@@ -37,13 +38,14 @@ def write_ground_truth_run(data, features, out) -> Path:
         "method": GROUND_TRUTH_METHOD, "config": {"data": {"semantic_group": "semantic", "detail_group": "detail"}},
         "identities": {"data": identity_of(Path(data) / "manifest.json"),
                        "features": identity_of(Path(features) / "manifest.json")},
-        "data": str(Path(data).resolve()), "features": str(Path(features).resolve()), "subject": prepared.subject,
+        "data": record_path(data, out), "features": record_path(features, out), "subject": prepared.subject,
         "parameters": {"total": 0}, "code_version": __version__})
     return out
 
 
-def ground_truth_outputs(run: dict, split: PairedSplit) -> dict[str, np.ndarray]:
-    store = open_feature_store(run["features"])
+def ground_truth_outputs(run: dict, split: PairedSplit, run_dir) -> dict[str, np.ndarray]:
+    """The feature store's targets of ``split``; ``run`` is ``run_dir/run.json``, whose paths are relative to it."""
+    store = open_feature_store(resolve_path(run["features"], run_dir))
     targets = store.get(split.stimulus_ids)
     semantic = np.asarray(targets["image_semantic"], np.float32)
     detail = np.asarray(targets["image_detail"], np.float32)

@@ -25,12 +25,13 @@ from brainmclip import __version__
 from brainmclip.atomic import atomic_path, write_json_atomic
 from brainmclip.config import check_keys, load_config
 from brainmclip.data.prepared import load_prepared
-from brainmclip.evaluation.retrieval import similarity_matrix, top1_n_way
+from brainmclip.evaluation.retrieval import pairwise_identification, similarity_matrix, top1_n_way
 from brainmclip.features.feature_store import open_feature_store
 from brainmclip.losses.brain_mclip_objective import ObjectiveConfig, brain_mclip_objective
 from brainmclip.models.brain_mclip import BrainMCLIP, BrainMCLIPConfig, image_target
+from brainmclip.paths import record_path
 from brainmclip.training.balance import gradient_norms
-from brainmclip.training.checkpoint import identity_of, load_checkpoint, save_checkpoint
+from brainmclip.training.checkpoint import identity_of, load_checkpoint, same_identities, save_checkpoint
 from brainmclip.training.cpu_memory import keep_freed_memory
 from brainmclip.training.data import PairedSplit
 from brainmclip.training.schedule import make_schedule
@@ -133,18 +134,6 @@ def _batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: i
     return [perm[s:s + step][rank::world] for s in starts]
 
 
-def two_way_identification(similarity: np.ndarray) -> float:
-    """Mean over rows i of the share of j != i with ``S[i, i] > S[i, j]`` (ties count half); chance 0.5.
-
-    A smooth validation score: unlike top-1 it moves with every pair that changes order.
-    """
-    s = np.asarray(similarity, np.float64)
-    n = len(s)
-    diag = np.diag(s)[:, None]
-    wins = (diag > s).sum(1) + 0.5 * ((diag == s).sum(1) - 1)
-    return float(wins.mean() / (n - 1))
-
-
 @torch.no_grad()
 def _validate(model, split: PairedSplit, loss_cfg: ObjectiveConfig, device, batch_size: int = 64):
     """Validation loss and, per output the model has ('image', 'text'), 2-way identification and top-1."""
@@ -173,7 +162,7 @@ def _validate(model, split: PairedSplit, loss_cfg: ObjectiveConfig, device, batc
     for kind in ("image", "text"):
         if preds[kind]:
             sim = similarity_matrix(torch.cat(preds[kind]).numpy(), torch.cat(targets[kind]).numpy())
-            metrics[f"{kind}_two_way"] = two_way_identification(sim)
+            metrics[f"{kind}_two_way"] = pairwise_identification(sim)
             metrics[f"{kind}_top1"] = top1_n_way(sim, n_way=min(300, len(sim)), n_repeats=5,
                                                  seed=0)["image_retrieval"]["mean"]
     metrics["score"] = float(np.mean([metrics[f"{k}_two_way"] for k in ("image", "text") if f"{k}_two_way" in metrics]))
@@ -219,7 +208,7 @@ def _train(data, features, config, out, resume, overrides, stop_after_steps, cpu
     store = open_feature_store(features)
     identities = {"data": identity_of(Path(data) / "manifest.json"),
                   "features": identity_of(Path(features) / "manifest.json")}
-    if state is not None and state["identities"] != identities:
+    if state is not None and not same_identities(state["identities"], identities):
         raise ValueError(f"{out}: the checkpoint was trained on other data or features "
                          f"({state['identities']['data']['path']}, {state['identities']['features']['path']})")
     train_split = PairedSplit(prepared, "train", store, data_cfg.get("semantic_group", "semantic"),
@@ -262,7 +251,7 @@ def _train(data, features, config, out, resume, overrides, stop_after_steps, cpu
         out.mkdir(parents=True, exist_ok=True)
         counts = accelerator.unwrap_model(model).parameter_counts()
         write_json_atomic(out / RUN_FILE, {"method": "brain_mclip", "config": cfg, "identities": identities,
-                                           "data": str(Path(data).resolve()), "features": str(Path(features).resolve()),
+                                           "data": record_path(data, out), "features": record_path(features, out),
                                            "subject": prepared.subject, "parameters": counts,
                                            "model_config": accelerator.unwrap_model(model).config.to_dict(),
                                            "code_version": __version__})

@@ -11,6 +11,7 @@ import torch
 from brainmclip import __version__
 from brainmclip.data.prepared import load_prepared
 from brainmclip.models.predictions import write_predictions
+from brainmclip.paths import record_path, resolve_path
 from brainmclip.training.checkpoint import identity_of
 from brainmclip.training.data import PairedSplit
 
@@ -62,7 +63,7 @@ def predict(run_dir, split: str = "test", out=None, data=None) -> Path:
     """Write the run's predictions for ``split`` of its prepared dataset (or ``data``) to ``out``."""
     run_dir = Path(run_dir)
     run = _read_run(run_dir)
-    data = Path(data) if data else Path(run["data"])
+    data = Path(data) if data else resolve_path(run["data"], run_dir)
     prepared = load_prepared(data)
     if split not in prepared.splits:
         raise ValueError(f"Unknown split={split!r}; choose from {sorted(prepared.splits)}")
@@ -77,7 +78,7 @@ def predict(run_dir, split: str = "test", out=None, data=None) -> Path:
     elif run["method"] == "gt_embedding":
         from brainmclip.training.ground_truth import ground_truth_outputs
 
-        arrays = ground_truth_outputs(run, paired)
+        arrays = ground_truth_outputs(run, paired, run_dir)
     else:
         raise ValueError(f"{run_dir}: unknown method {run['method']!r}")
     ids = paired.stimulus_ids
@@ -85,7 +86,7 @@ def predict(run_dir, split: str = "test", out=None, data=None) -> Path:
     if averaged:
         ids, arrays = average_by_stimulus(ids, arrays)
     out = Path(out) if out else run_dir / f"predictions_{split}"
-    manifest = {"method": run["method"], "subject": prepared.subject, "split": split, "run": str(run_dir.resolve()),
+    manifest = {"method": run["method"], "subject": prepared.subject, "split": split, "run": record_path(run_dir, out),
                 "data": identity_of(data / "manifest.json"), "test_set": prepared.manifest.get("test_set"),
                 "averaged_over_repeats": averaged, "parameters": run.get("parameters", {}),
                 "code_version": __version__}

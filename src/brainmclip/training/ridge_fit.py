@@ -19,7 +19,8 @@ from brainmclip.atomic import write_json_atomic
 from brainmclip.config import apply_overrides
 from brainmclip.data.prepared import load_prepared
 from brainmclip.features.feature_store import TARGETS, open_feature_store
-from brainmclip.models.ridge import RidgeDecoder
+from brainmclip.models.ridge import DEFAULT_ALPHAS, RidgeDecoder
+from brainmclip.paths import record_path
 from brainmclip.training.checkpoint import identity_of
 from brainmclip.training.data import PairedSplit
 
@@ -30,7 +31,7 @@ log = logging.getLogger("brainmclip.train")
 DEFAULT_RIDGE_CONFIG = {
     "method": "ridge",
     "data": {"voxels": "all", "semantic_group": "semantic", "detail_group": "detail"},
-    "ridge": {"alphas": [float(a) for a in np.logspace(1, 6, 8)], "n_folds": 5, "alpha_per": "block"},
+    "ridge": {"alphas": list(DEFAULT_ALPHAS), "n_folds": 5, "alpha_per": "block"},
 }
 
 
@@ -78,7 +79,7 @@ def train_ridge(data, features, out, overrides: list[str] | None = None, progres
     identities = {"data": identity_of(Path(data) / "manifest.json"),
                   "features": identity_of(Path(features) / "manifest.json")}
     write_json_atomic(out / "run.json", {"method": "ridge", "config": cfg, "identities": identities,
-                                         "data": str(Path(data).resolve()), "features": str(Path(features).resolve()),
+                                         "data": record_path(data, out), "features": record_path(features, out),
                                          "subject": prepared.subject, "alphas": alphas, "parameters": params,
                                          "code_version": __version__})
     return RidgeResult(out, alphas, time.perf_counter() - start, params)
