@@ -32,8 +32,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/brainmclip demo --out $(DEMO_OUT)
 
+# Tests run in TEST_WORKERS processes of one thread each: the models under test are small, and one thread per
+# process is faster than two threads sharing a core pair (and does not stall when the machine is busy).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # Train the three miniature models from scratch (about an hour on 2 CPU cores; each step resumes) and ship them:
 # the package's weights are exactly what these commands write to $(MINI_OUT)/*/model.

@@ -30,6 +30,12 @@ DEMO_SUBJECTS = (1, 2)
 DEMO_METHODS = ("brain_mclip", "ridge", "gt_embedding")
 #: The miniature world's CLIP and Versatile Diffusion, shipped with the package.
 DEMO_CLIP = DEMO_GENERATOR = "mini"
+#: ``tiny`` (a smoke run of every stage for tests): fewer denoising steps, and the metric networks at 112 px instead
+#: of the protocol's 224-425 px (the ImageNet networks dominate the run's time on a CPU). The protocol is recorded
+#: with the results, so these numbers are never mistaken for the default protocol's.
+TINY_STEPS = 10
+TINY_PROTOCOL = {"first_size": 112, "pixel_size": 112, "alexnet_size": 112, "inception_size": 112,
+                 "effnet_size": 112, "swav_size": 112}
 
 
 def _train_and_predict(method: str, data: Path, features: Path, run: Path, progress: bool) -> Path:
@@ -79,13 +85,17 @@ def run_synthetic_demo(out_dir, tiny: bool = False, seed: int = 0, progress: boo
             pred = _train_and_predict(method, p.root, features_dir, run, progress)
             # 5. Images from the predictions with mini-VD (real runs: shi-labs/versatile-diffusion at 512 px).
             recon = reconstruct(pred, run / "reconstructions_test",
-                                ReconstructOptions(generator=DEMO_GENERATOR, clip=DEMO_CLIP, batch_size=50),
+                                ReconstructOptions(generator=DEMO_GENERATOR, clip=DEMO_CLIP, batch_size=50,
+                                                   **({"steps": TINY_STEPS} if tiny else {})),
                                 progress=progress)
             recon_dirs.append(recon.root)
     # 6. The eight metrics (CLIP: mini-CLIP; no ImageNet weights exist here, so those networks are
     #    random-initialised and marked), retrieval and category agreement, then the report.
-    evaluation = evaluate_reconstructions(recon_dirs, out / "evaluation", clip_model=DEMO_CLIP, allow_random=True,
-                                          n_boot=200)
+    from brainmclip.evaluation.image_metrics import MetricProtocol
+
+    protocol = MetricProtocol(**(TINY_PROTOCOL if tiny else {}))
+    evaluation = evaluate_reconstructions(recon_dirs, out / "evaluation", protocol=protocol, clip_model=DEMO_CLIP,
+                                          allow_random=True, n_boot=200)
     report = make_report(out / "evaluation", out / "report", title="brainmclip demo (simulated NSD, miniature world)")
     lines = ["brainmclip demo: simulate -> prepare -> extract -> train -> predict -> reconstruct -> evaluate -> report",
              f"  data: {nsd.preset.name} simulated NSD, subjects {', '.join(map(str, DEMO_SUBJECTS))}, "

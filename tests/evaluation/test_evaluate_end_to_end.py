@@ -66,10 +66,14 @@ def test_moved_runs_still_evaluate_and_report(demo, tmp_path):
     import shutil
 
     moved = tmp_path / "elsewhere" / "demo"
-    shutil.copytree(demo[0], moved, ignore=shutil.ignore_patterns("nsd"))  # the raw NSD tree is not needed
+    shutil.copytree(demo[0], moved)
+    from brainmclip.evaluation.evaluate import evaluate_reconstructions
+
     recon = moved / "runs" / "subj01" / "ridge" / "reconstructions_test"
-    assert main(["-q", "evaluate", "--recon", str(recon), "--out", str(moved / "eval2"), "--clip", "mini",
-                 "--allow-random-metric-nets", "--bootstrap", "20"]) == 0
+    report = evaluate_reconstructions([recon], moved / "eval2", clip_model="mini", metrics=["PixCorr"], n_boot=20)
+    entry = report["runs"][0]
+    assert entry.retrieval["image"]["top1_n_way"]["n_way"] == 40  # predictions, run and features were found
+    assert entry.scene_checks  # and the simulated NSD through the prepared dataset's relative nsd_root
     metrics = json.loads((moved / "eval2" / "metrics.json").read_text())
     assert metrics["runs"][0]["reconstructions"] == "../runs/subj01/ridge/reconstructions_test"
     assert main(["-q", "report", "--eval", str(moved / "evaluation"), "--out", str(moved / "report3")]) == 0

@@ -210,24 +210,25 @@ def test_identical_images_score_perfectly(nets):
 def test_truth_cache_reuses_ground_truth_features_only_for_the_same_images(nets, pair):
     recons, truths = pair
     cache: dict = {}
-    plain = evaluate_images(recons, truths, clip_model="tiny", networks=nets, batch_size=4)
-    first = evaluate_images(recons, truths, clip_model="tiny", networks=nets, batch_size=4, truth_cache=cache)
+    kw = {"clip_model": "tiny", "networks": nets, "batch_size": 4, "protocol": SMALL}
+    plain = evaluate_images(recons, truths, **kw)
+    first = evaluate_images(recons, truths, **kw, truth_cache=cache)
     other = noisy(smooth_images(6, 56, seed=1), seed=3)
-    second = evaluate_images(other, truths, clip_model="tiny", networks=nets, batch_size=4, truth_cache=cache)
+    second = evaluate_images(other, truths, **kw, truth_cache=cache)
     assert len(cache) == 1  # same truths: one entry, reused
     for m in METRICS:
         np.testing.assert_allclose(first.per_image[m], plain.per_image[m], rtol=0, atol=1e-12)
-    reference = evaluate_images(other, truths, clip_model="tiny", networks=nets, batch_size=4)
+    reference = evaluate_images(other, truths, **kw)
     for m in METRICS:
         np.testing.assert_allclose(second.per_image[m], reference.per_image[m], rtol=0, atol=1e-6)
     # The entry really is what the second call used: spoil it and the network scores change.
     (entry,) = cache.values()
     for m in entry:
         entry[m] = entry[m].flip(0)
-    spoiled = evaluate_images(other, truths, clip_model="tiny", networks=nets, batch_size=4, truth_cache=cache)
+    spoiled = evaluate_images(other, truths, **kw, truth_cache=cache)
     assert spoiled.values["EffNet-B"] != pytest.approx(second.values["EffNet-B"])
     # Other truths get their own entry.
-    evaluate_images(other, truths[::-1].copy(), clip_model="tiny", networks=nets, batch_size=4, truth_cache=cache)
+    evaluate_images(other, truths[::-1].copy(), **kw, truth_cache=cache)
     assert len(cache) == 2
 
 
