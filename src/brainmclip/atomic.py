@@ -13,6 +13,8 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+from brainmclip.errors import InvalidInputError, MissingInputError
+
 __all__ = ["TEMP_MARKER", "atomic_path", "remove_stale_temporaries", "write_bytes_atomic", "write_json_atomic"]
 
 TEMP_MARKER = ".tmp-"
@@ -65,12 +67,12 @@ def read_manifest(root: str | os.PathLike, fmt: str, what: str, command: str, co
     root = Path(root)
     manifest_file = root / "manifest.json"
     if not manifest_file.is_file():
-        raise FileNotFoundError(f"{manifest_file}: missing; {root} is not {what} (run brainmclip {command})")
+        raise MissingInputError(f"{manifest_file}: missing; {root} is not {what} (run brainmclip {command})")
     manifest = json.loads(manifest_file.read_text())
     if manifest.get("format") != fmt:
-        raise ValueError(f"{manifest_file}: format {manifest.get('format')!r}; expected {fmt!r}")
+        raise InvalidInputError(f"{manifest_file}: format {manifest.get('format')!r}; expected {fmt!r}")
     if complete and not manifest.get("complete"):
-        raise ValueError(f"{root}: brainmclip {command} did not finish; rerun the same command to resume")
+        raise InvalidInputError(f"{root}: brainmclip {command} did not finish; rerun the same command to resume")
     return manifest
 
 

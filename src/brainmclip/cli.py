@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from brainmclip import __version__
+from brainmclip.errors import BrainmclipError, InvalidInputError
 
 __all__ = ["main"]
 
@@ -106,7 +107,7 @@ def _run_prepare(args) -> int:
 
     if args.format == "nsd":
         if args.nsd_root is None:
-            raise ValueError("--nsd-root is required for --format nsd")
+            raise InvalidInputError("--nsd-root is required for --format nsd")
         options = PrepareOptions(test_set=args.test_set or "old", sessions=args.sessions, betas_version=args.betas_version,
                                  normalize=args.normalize or "session", single_trial=args.single_trial,
                                  val_size=args.val_size,
@@ -119,7 +120,7 @@ def _run_prepare(args) -> int:
         from brainmclip.data.published import prepare_published
 
         if args.input is None:
-            raise ValueError(f"--input is required for --format {args.format}")
+            raise InvalidInputError(f"--input is required for --format {args.format}")
         prepared = prepare_published(args.format, args.input, args.subject, args.out, nsd_root=args.nsd_root,
                                      normalize=args.normalize or "none", val_size=args.val_size,
                                      detail_voxels=args.detail_voxels, force=args.force, test_set=args.test_set,
@@ -256,7 +257,7 @@ def _run_info(args) -> int:
     elif args.semantic_voxels and args.detail_voxels:
         n_s, n_d = args.semantic_voxels, args.detail_voxels
     else:
-        raise ValueError("pass --data PREPARED or both --semantic-voxels and --detail-voxels")
+        raise InvalidInputError("pass --data PREPARED or both --semantic-voxels and --detail-voxels")
     # Build on the meta device: counts without allocating 3 GB of weights.
     import torch
 
@@ -392,7 +393,7 @@ def _run_miniature_train(args) -> int:
 
     command = "brainmclip miniature " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else ""
     if args.quality_scenes is not None and args.quality_scenes < 2:
-        raise ValueError(f"--quality-scenes {args.quality_scenes}: need at least 2 held-out scenes")
+        raise InvalidInputError(f"--quality-scenes {args.quality_scenes}: need at least 2 held-out scenes")
     kw = {"overrides": args.set, "force": args.force, "progress": not args.quiet, "command": command,
           "cache": args.cache, "quality_scenes": args.quality_scenes}
     if args.config:
@@ -582,9 +583,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=min(level, logging.INFO), handlers=[console], force=True)
     try:
         return args.func(args)
-    except (ValueError, OSError) as exc:
-        # OSError covers missing, existing and unreadable files. KeyError is left out on purpose: a
-        # user's unknown name is reported as a ValueError, so a KeyError is a bug and shows its traceback.
+    except (BrainmclipError, OSError) as exc:
+        # Our own error type says what is wrong with the user's inputs; an operating-system error that names its
+        # file (permission denied, disk full) is the user's to fix too. Anything else is a bug: its traceback shows.
+        if not isinstance(exc, BrainmclipError) and getattr(exc, "filename", None) is None:
+            raise
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"brainmclip {args.command}: error: {message}", file=sys.stderr)
         return 1

@@ -12,6 +12,8 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from brainmclip.errors import InvalidInputError
+
 __all__ = ["apply_overrides", "check_keys", "list_configs", "load_config", "merge"]
 
 
@@ -22,7 +24,7 @@ def check_keys(cls, d: dict, section: str) -> dict:
     names = {f.name for f in fields(cls)}
     unknown = set(d) - names
     if unknown:
-        raise ValueError(f"Unknown {section} config keys {sorted(unknown)}; known: {sorted(names)}")
+        raise InvalidInputError(f"Unknown {section} config keys {sorted(unknown)}; known: {sorted(names)}")
     return d
 
 
@@ -50,12 +52,12 @@ def _read(name_or_path: str) -> dict:
             entry = entry.joinpath(part if part.endswith(".json") or part != name_or_path.split("/")[-1]
                                    else f"{part}.json")
         if not entry.is_file():
-            raise ValueError(f"Unknown config={name_or_path!r}: no such file, and not one of {list_configs()}")
+            raise InvalidInputError(f"Unknown config={name_or_path!r}: no such file, and not one of {list_configs()}")
         text = entry.read_text()
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"config {name_or_path!r} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        raise InvalidInputError(f"config {name_or_path!r} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
     data.pop("description", None)
     return data
 
@@ -75,7 +77,7 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
     config = copy.deepcopy(config)
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected key.path=value")
+            raise InvalidInputError(f"--set {item!r}: expected key.path=value")
         key, raw = item.split("=", 1)
         try:
             value = json.loads(raw)
@@ -85,12 +87,12 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
         parts = key.split(".")
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
-                raise ValueError(f"--set {item!r}: {part!r} is not a section of the config")
+                raise InvalidInputError(f"--set {item!r}: {part!r} is not a section of the config")
             node = node[part]
         if parts[-1] not in node:
-            raise ValueError(f"--set {item!r}: unknown key {key!r}; known here: {sorted(node)}")
+            raise InvalidInputError(f"--set {item!r}: unknown key {key!r}; known here: {sorted(node)}")
         if isinstance(node[parts[-1]], dict) and not isinstance(value, dict):
-            raise ValueError(f"--set {item!r}: {key!r} is a section of the config, not a value; set one of its "
+            raise InvalidInputError(f"--set {item!r}: {key!r} is a section of the config, not a value; set one of its "
                              f"keys: {sorted(node[parts[-1]])}")
         node[parts[-1]] = value
     return config

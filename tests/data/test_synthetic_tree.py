@@ -48,7 +48,7 @@ def test_expdesign_has_nsd_shapes_and_rules(tiny_nsd, design):
 
 
 def test_split_rule_gives_the_shared_images(tiny_nsd, design):
-    """SPEC section 2: trial t is test iff masterordering[t] <= n_shared, and those trials show sharedix."""
+    """NSD's split rule: trial t is test iff masterordering[t] <= n_shared, and those trials show sharedix."""
     p = tiny_nsd.preset
     masterordering, subjectim, sharedix = design
     mo = masterordering.ravel().astype(int)

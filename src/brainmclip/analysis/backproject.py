@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from brainmclip.errors import InvalidInputError
+
 __all__ = ["NAME", "HELP", "ROIS", "POOLINGS", "add_arguments", "run", "roi_masks", "pool_embeddings",
            "fit_encoder", "voxel_correlations", "roi_summary", "DEFAULT_ENCODER_ALPHAS"]
 
@@ -58,7 +60,7 @@ def roi_masks(voxels) -> dict[str, np.ndarray]:
     labels = voxels.roi_labels
     missing = sorted({_PRF, *_FLOC.values()} - set(labels))
     if missing:
-        raise ValueError(f"the prepared dataset has no per-voxel labels of {missing[0]}; the back-projection needs "
+        raise InvalidInputError(f"the prepared dataset has no per-voxel labels of {missing[0]}; the back-projection needs "
                          "the NSD ROI files (prepare from an NSD tree)")
     masks = {name: np.isin(labels[_PRF], codes) for name, codes in _AREAS.items()}
     masks["early"] = labels[_PRF] > 0
@@ -75,13 +77,13 @@ def pool_embeddings(x: np.ndarray, pooling: str = "flat") -> np.ndarray:
     """
     x = np.asarray(x, np.float32)
     if x.ndim != 3:
-        raise ValueError(f"embeddings of shape {x.shape}; expected (n, tokens, dim)")
+        raise InvalidInputError(f"embeddings of shape {x.shape}; expected (n, tokens, dim)")
     if pooling == "flat":
         return x.reshape(len(x), -1)
     if pooling == "cls+mean":
         rest = x[:, 1:].mean(1) if x.shape[1] > 1 else np.zeros_like(x[:, 0])
         return np.concatenate([x[:, 0], rest], axis=1)
-    raise ValueError(f"Unknown pooling {pooling!r}; choose from {list(POOLINGS)}")
+    raise InvalidInputError(f"Unknown pooling {pooling!r}; choose from {list(POOLINGS)}")
 
 
 def fit_encoder(X: np.ndarray, Y: np.ndarray, alphas=DEFAULT_ENCODER_ALPHAS, n_folds: int = 5):
@@ -116,7 +118,7 @@ def voxel_correlations(pred: np.ndarray, measured: np.ndarray) -> np.ndarray:
     a = np.asarray(pred, np.float64)
     b = np.asarray(measured, np.float64)
     if a.shape != b.shape or a.ndim != 2 or len(a) < 3:
-        raise ValueError(f"need two (n >= 3, voxels) arrays of one shape; got {a.shape} and {b.shape}")
+        raise InvalidInputError(f"need two (n >= 3, voxels) arrays of one shape; got {a.shape} and {b.shape}")
     a = a - a.mean(0)
     b = b - b.mean(0)
     denom = np.sqrt((a * a).sum(0) * (b * b).sum(0))
@@ -144,7 +146,7 @@ def _split_betas(samples, ids: np.ndarray, what: str) -> np.ndarray:
         rows_of.setdefault(int(nsd_id), []).append(row)
     missing = [int(i) for i in ids if int(i) not in rows_of]
     if missing:
-        raise ValueError(f"{what}: {len(missing)} predicted images are not in the prepared {samples.split} split "
+        raise InvalidInputError(f"{what}: {len(missing)} predicted images are not in the prepared {samples.split} split "
                          f"(first NSD id {missing[0]}); the predictions come from another dataset")
     return np.stack([np.asarray(samples.betas[rows_of[int(i)]], np.float32).mean(0) for i in ids])
 
@@ -172,14 +174,14 @@ def run(args) -> str:
 
     start = time.perf_counter()
     if args.folds < 2:
-        raise ValueError(f"--folds {args.folds}: need at least 2 folds to choose the alphas")
+        raise InvalidInputError(f"--folds {args.folds}: need at least 2 folds to choose the alphas")
     prepared = load_prepared(args.data, images=False)
     pred = load_predictions(args.predictions)
     if pred.subject != prepared.subject:
-        raise ValueError(f"{args.predictions}: predictions of subject {pred.subject}, but {args.data} is subject "
+        raise InvalidInputError(f"{args.predictions}: predictions of subject {pred.subject}, but {args.data} is subject "
                          f"{prepared.subject}")
     if pred.split not in prepared.splits or pred.split == "train":
-        raise ValueError(f"{args.predictions}: predictions of the {pred.split!r} split; expected held-out images "
+        raise InvalidInputError(f"{args.predictions}: predictions of the {pred.split!r} split; expected held-out images "
                          "(test or val)")
     if pred.image_semantic is not None and pred.image_detail is not None:
         semantic_pred, detail_pred, source = pred.image_semantic, pred.image_detail, "ê_I,S and ê_I,D"
@@ -190,7 +192,7 @@ def run(args) -> str:
         note = (f"{args.predictions} has no image_semantic.npy / image_detail.npy ({pred.method}); the fused Ê_I "
                 "goes through both encoders, so the two bars differ only by the encoder, not by the pathway.")
     else:
-        raise ValueError(f"{args.predictions}: no image embeddings (a text-only model); nothing to back-project")
+        raise InvalidInputError(f"{args.predictions}: no image embeddings (a text-only model); nothing to back-project")
     masks = roi_masks(prepared.voxels)
     store = open_feature_store(args.features)
 
@@ -198,12 +200,12 @@ def run(args) -> str:
     train_ids = train.stimulus_ids
     missing = store.missing(np.unique(train_ids))
     if len(missing):
-        raise ValueError(f"feature store {args.features} lacks {len(missing)} training images of {args.data} "
+        raise InvalidInputError(f"feature store {args.features} lacks {len(missing)} training images of {args.data} "
                          f"(first NSD id {missing[0]}); run brainmclip extract on this dataset")
     test_ids = np.asarray(pred.stimulus_ids, np.int64)
     targets = store.get(test_ids[:1], ("image_semantic",))["image_semantic"]
     if targets.shape[1:] != tuple(semantic_pred.shape[1:]):
-        raise ValueError(f"{args.predictions}: embeddings of shape {tuple(semantic_pred.shape[1:])} but the feature "
+        raise InvalidInputError(f"{args.predictions}: embeddings of shape {tuple(semantic_pred.shape[1:])} but the feature "
                          f"store holds {targets.shape[1:]}; predictions and features come from different CLIPs")
     measured = _split_betas(prepared.splits[pred.split], test_ids, str(args.predictions))
     Y = np.asarray(train.betas, np.float32)

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from brainmclip.errors import InvalidInputError
+
 __all__ = ["layer_representations", "representation_size", "DEFAULT_GRID"]
 
 #: Side of the lattice patch tokens are pooled to: 4 x 4 cells keep coarse retinotopy at a bounded size.
@@ -70,9 +72,9 @@ def layer_representations(towers, images, layers=None, grid: int = DEFAULT_GRID,
     n_layers = towers.n_vision_layers
     layers = tuple(range(1, n_layers + 1)) if layers is None else tuple(int(k) for k in layers)
     if not layers or min(layers) < 1 or max(layers) > n_layers:
-        raise ValueError(f"layers {list(layers)} outside 1..{n_layers} (the model has {n_layers} vision blocks)")
+        raise InvalidInputError(f"layers {list(layers)} outside 1..{n_layers} (the model has {n_layers} vision blocks)")
     if grid < 1 or batch_size < 1:
-        raise ValueError(f"grid={grid} and batch_size={batch_size} must be positive")
+        raise InvalidInputError(f"grid={grid} and batch_size={batch_size} must be positive")
     n = len(images)
     # The extractor is used for its preprocessing only; any valid layer choice builds it.
     prep = ClipFeatureExtractor(towers, detail_layers=(1,), semantic_layer=n_layers)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from brainmclip import __version__
 from brainmclip.atomic import atomic_path, read_manifest, write_bytes_atomic
+from brainmclip.errors import InvalidInputError, MissingInputError
 
 __all__ = ["ANALYSIS_FORMAT", "ANALYSIS_FILE", "save_figure", "write_analysis", "load_analysis", "find_analyses",
            "first_rows"]
@@ -34,10 +35,10 @@ def first_rows(prepared, split: str):
     import numpy as np
 
     if split not in prepared.splits:
-        raise ValueError(f"Unknown split={split!r}; choose from {sorted(prepared.splits)}")
+        raise InvalidInputError(f"Unknown split={split!r}; choose from {sorted(prepared.splits)}")
     samples = prepared.splits[split]
     if samples.images is None:
-        raise ValueError(f"{prepared.root}: the {split} split has no images.npy (prepare with images)")
+        raise InvalidInputError(f"{prepared.root}: the {split} split has no images.npy (prepare with images)")
     ids = np.asarray(samples.stimulus_ids)
     _, first = np.unique(ids, return_index=True)
     return samples, ids, np.sort(first)
@@ -60,7 +61,7 @@ def write_analysis(out: str | Path, name: str, title: str, caption: str, table: 
     """Write ``OUT/manifest.json`` last, once the figure and data files are in place."""
     out = Path(out)
     if not (out / figure).is_file():
-        raise FileNotFoundError(f"{out / figure}: write the figure before the analysis summary")
+        raise MissingInputError(f"{out / figure}: write the figure before the analysis summary")
     rows = [dict(row) for row in table]
     # Not sorted: the table's columns keep the order the analysis gave them, which the report shows.
     text = json.dumps({"format": ANALYSIS_FORMAT, "analysis": name, "title": title, "caption": caption,
@@ -91,10 +92,10 @@ def find_analyses(root: str | Path) -> list[dict]:
 
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such analysis folder")
+        raise MissingInputError(f"{root}: no such analysis folder")
     folders = [root] if (root / ANALYSIS_FILE).is_file() else sorted(p for p in root.iterdir() if p.is_dir())
     found = [load_analysis(f) for f in folders if (f / ANALYSIS_FILE).is_file()]
     if not found:
-        raise FileNotFoundError(f"{root}: holds no finished analysis (manifest.json from brainmclip analyze/ablate)")
+        raise MissingInputError(f"{root}: holds no finished analysis (manifest.json from brainmclip analyze/ablate)")
     order = {name: i for i, name in enumerate(ANALYSES)}
     return sorted(found, key=lambda s: (order.get(s["analysis"], len(order)), s["folder"]))

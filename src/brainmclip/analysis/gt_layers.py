@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from brainmclip.errors import InvalidInputError
+
 __all__ = ["NAME", "HELP", "Condition", "add_arguments", "run", "parse_layer_ranges", "range_label",
            "build_conditions", "condition_embeddings", "load_generator", "grey_condition", "render_images",
            "load_pngs", "score_images", "first_test_images"]
@@ -72,16 +74,16 @@ def parse_layer_ranges(text: str, option: str = "--ranges", n_layers: int | None
     """
     items = [part for part in str(text).split(",") if part.strip()]
     if not items:
-        raise ValueError(f"{option} {text!r}: no layers given (expected e.g. 11-20,21-24)")
+        raise InvalidInputError(f"{option} {text!r}: no layers given (expected e.g. 11-20,21-24)")
     out: list[tuple[int, ...]] = []
     for part in items:
         match = _RANGE.match(part)
         start, end = (int(match.group(1)), int(match.group(2) or match.group(1))) if match else (0, -1)
         if not match or start < 1 or end < start or (single and end != start):
             want = "layer numbers, e.g. 1,6,12" if single else "START-END ranges with 1 <= START <= END, e.g. 11-20"
-            raise ValueError(f"{option}: {part.strip()!r} is not valid (expected {want})")
+            raise InvalidInputError(f"{option}: {part.strip()!r} is not valid (expected {want})")
         if n_layers is not None and end > n_layers:
-            raise ValueError(f"{option}: {part.strip()!r} goes past layer {n_layers}, the model's last vision block")
+            raise InvalidInputError(f"{option}: {part.strip()!r} goes past layer {n_layers}, the model's last vision block")
         layers = tuple(range(start, end + 1))
         if layers not in out:
             out.append(layers)
@@ -149,7 +151,7 @@ def load_generator(name: str, embed_dim: int):
                  else load_versatile_diffusion(name, device=device, dtype=dtype))
     generator.to(device=device, dtype=dtype)
     if generator.embed_dim != embed_dim:
-        raise ValueError(f"generator {name!r} takes conditions of width {generator.embed_dim} but the CLIP embeds in "
+        raise InvalidInputError(f"generator {name!r} takes conditions of width {generator.embed_dim} but the CLIP embeds in "
                          f"{embed_dim} (use the CLIP the generator was made for: 'mini' with 'mini', 'tiny' with 'tiny')")
     return generator
 
@@ -228,7 +230,7 @@ def first_test_images(prepared, n: int) -> tuple[np.ndarray, np.ndarray]:
     """NSD ids and pixels of the first ``n`` distinct test images (repeated rows count once)."""
     test = prepared.test
     if test.images is None:
-        raise ValueError(f"{prepared.root}: prepared without images; this analysis needs the stimuli")
+        raise InvalidInputError(f"{prepared.root}: prepared without images; this analysis needs the stimuli")
     _, first = np.unique(test.stimulus_ids, return_index=True)
     rows = np.sort(first)[:n]
     return test.stimulus_ids[rows].astype(np.int64), np.stack([np.asarray(test.images[r]) for r in rows])
@@ -244,7 +246,7 @@ def _check_settings(folder: Path, settings: dict, force: bool) -> None:
         previous = json.loads(path.read_text())
         differ = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
         if differ:
-            raise ValueError(f"{folder} holds images made with other settings ({', '.join(differ)}); choose another "
+            raise InvalidInputError(f"{folder} holds images made with other settings ({', '.join(differ)}); choose another "
                              "--out or pass --force")
     elif force and folder.is_dir():
         import shutil
@@ -292,19 +294,19 @@ def run(args) -> str:
 
     start = time.perf_counter()
     if args.n_images < 2:
-        raise ValueError(f"--n-images {args.n_images}: CLIP 2-way identification needs at least 2 images")
+        raise InvalidInputError(f"--n-images {args.n_images}: CLIP 2-way identification needs at least 2 images")
     if args.show < 1 or args.steps < 1 or args.batch_size < 1:
-        raise ValueError("--show, --steps and --batch-size must be positive")
+        raise InvalidInputError("--show, --steps and --batch-size must be positive")
     # Parse before loading anything, so a typo fails at once; the layer count is checked once CLIP is loaded.
     layers = parse_layer_ranges(args.layers, "--layers", single=True) if args.layers.strip() else []
     ranges = parse_layer_ranges(args.ranges, "--ranges") if args.ranges.strip() else []
     fused = parse_layer_ranges(args.fused, "--fused")[0] if args.fused.strip() else None
     if not layers and not ranges and fused is None:
-        raise ValueError("no condition to reconstruct: --layers, --ranges and --fused are all empty")
+        raise InvalidInputError("no condition to reconstruct: --layers, --ranges and --fused are all empty")
     prepared = load_prepared(args.data)
     ids, truths = first_test_images(prepared, args.n_images)
     if len(ids) < 2:
-        raise ValueError(f"{args.data}: the test split has {len(ids)} images; at least 2 are needed")
+        raise InvalidInputError(f"{args.data}: the test split has {len(ids)} images; at least 2 are needed")
 
     out = Path(args.out)
     image_root = out / "images"

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from brainmclip.analysis.common import first_rows
+from brainmclip.errors import InvalidInputError, MissingInputError
 
 __all__ = ["NAME", "HELP", "add_arguments", "run", "stimulus_images", "cka_map", "check_window", "summarise"]
 
@@ -44,9 +45,9 @@ def stimulus_images(prepared_list, split: str = "test", n_images: int | None = N
             images.append(np.asarray(samples.images[np.asarray(rows)]))
     shapes = {im.shape[1:] for im in images}
     if len(shapes) > 1:
-        raise ValueError(f"the datasets' images differ in size ({sorted(shapes)}); compare datasets of one preset")
+        raise InvalidInputError(f"the datasets' images differ in size ({sorted(shapes)}); compare datasets of one preset")
     if len(ids) < 3:
-        raise ValueError(f"{len(ids)} distinct {split} images; CKA needs at least 3")
+        raise InvalidInputError(f"{len(ids)} distinct {split} images; CKA needs at least 3")
     return np.asarray(ids, np.int64), np.concatenate(images)
 
 
@@ -92,7 +93,7 @@ def check_window(window, n_layers: int) -> tuple[int, int]:
     """``window`` as (first, last) if it lies inside layers 1..n_layers and leaves later layers to compare."""
     lo, hi = (int(v) for v in window)
     if not 1 <= lo < hi < n_layers:
-        raise ValueError(f"window {lo}-{hi} must lie inside layers 1..{n_layers} and leave later layers to compare")
+        raise InvalidInputError(f"window {lo}-{hi} must lie inside layers 1..{n_layers} and leave later layers to compare")
     return lo, hi
 
 
@@ -169,9 +170,9 @@ def run(args) -> str:
 
     missing = [d for d in args.data if not Path(d).is_dir()]
     if missing:
-        raise FileNotFoundError(f"{missing[0]}: no such prepared dataset folder")
+        raise MissingInputError(f"{missing[0]}: no such prepared dataset folder")
     if args.n_images is not None and args.n_images < 3:
-        raise ValueError(f"--n-images {args.n_images}: CKA needs at least 3 images")
+        raise InvalidInputError(f"--n-images {args.n_images}: CKA needs at least 3 images")
     prepared = [load_prepared(d) for d in args.data]
     ids, images = stimulus_images(prepared, args.split, args.n_images)
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from brainmclip.errors import InvalidInputError
+
 __all__ = ["NAME", "HELP", "DEFAULT_RANGES", "add_arguments", "run", "score_embeddings"]
 
 NAME = "layer_sweep"
@@ -107,7 +109,7 @@ def _check_settings(out: Path, settings: dict) -> None:
         previous = json.loads(path.read_text())
         differ = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
         if differ:
-            raise ValueError(f"{out} holds a sweep made with other settings ({', '.join(differ)}); choose another "
+            raise InvalidInputError(f"{out} holds a sweep made with other settings ({', '.join(differ)}); choose another "
                              "--out (its feature stores and runs would not match)")
     write_json_atomic(path, settings)
 
@@ -147,9 +149,9 @@ def run(args) -> str:
     progress = not getattr(args, "quiet", False)
     ranges = parse_layer_ranges(args.ranges, "--ranges")
     if args.n_way < 2 or args.n_recon < 0 or args.n_recon == 1 or args.steps < 1:
-        raise ValueError("--n-way must be >= 2, --n-recon 0 or >= 2 (2-way identification), --steps positive")
+        raise InvalidInputError("--n-way must be >= 2, --n-recon 0 or >= 2 (2-way identification), --steps positive")
     if args.config and args.decoder != "brain_mclip":
-        raise ValueError("--config applies to --decoder brain_mclip only")
+        raise InvalidInputError("--config applies to --decoder brain_mclip only")
     config = args.config or ["brain_mclip"]
     prepared = load_prepared(args.data)
     towers = load_clip(args.clip)
@@ -261,7 +263,7 @@ class _Reconstructor:
         self.last = towers.n_vision_layers
         self.ids, self.truths = first_test_images(prepared, args.n_recon)
         if len(self.ids) < 2:
-            raise ValueError(f"{args.data}: {len(self.ids)} test images; reconstructions need at least 2")
+            raise InvalidInputError(f"{args.data}: {len(self.ids)} test images; reconstructions need at least 2")
         self.uncond = grey_condition(towers)
         self._generator = self._networks = None
         self.truth_cache: dict = {}
@@ -282,7 +284,7 @@ class _Reconstructor:
         row = {int(i): r for r, i in enumerate(pred.stimulus_ids)}
         missing = [int(i) for i in self.ids if int(i) not in row]
         if missing:
-            raise ValueError(f"range {key}: predictions lack test image {missing[0]}")
+            raise InvalidInputError(f"range {key}: predictions lack test image {missing[0]}")
         rows = [row[int(i)] for i in self.ids]
         decoded = np.asarray(pred.image[rows], np.float32)
         targets = store.get(self.ids, ("image_semantic", "image_detail"))

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from brainmclip.analysis.common import first_rows
+from brainmclip.errors import InvalidInputError, MissingInputError
 
 __all__ = ["NAME", "HELP", "ROIS", "add_arguments", "run", "roi_masks", "split_patterns", "rdm", "rdm_upper",
            "rsa_matrix"]
@@ -52,7 +53,7 @@ def roi_masks(voxels, names=ROIS) -> dict[str, np.ndarray]:
     needed |= {_FLOC[n] for n in names if n in _FLOC} | (set(_FLOC.values()) if "higher" in names else set())
     missing = sorted(needed - set(labels))
     if missing:
-        raise ValueError(f"the prepared dataset has no per-voxel labels of {missing[0]} "
+        raise InvalidInputError(f"the prepared dataset has no per-voxel labels of {missing[0]} "
                          "(prepare it from an NSD tree with ROI files)")
     masks = {}
     for name in names:
@@ -65,7 +66,7 @@ def roi_masks(voxels, names=ROIS) -> dict[str, np.ndarray]:
         elif name == "higher":
             masks[name] = np.any([labels[f] > 0 for f in _FLOC.values()], axis=0)
         else:
-            raise ValueError(f"Unknown ROI {name!r}; choose from {list(ROIS)}")
+            raise InvalidInputError(f"Unknown ROI {name!r}; choose from {list(ROIS)}")
     return masks
 
 
@@ -86,7 +87,7 @@ def split_patterns(prepared, split: str = "test", n_images: int | None = None):
     samples, ids, rows = first_rows(prepared, split)  # one row per image, in order of first appearance
     if n_images is not None:
         if n_images < 3:
-            raise ValueError(f"--n-images {n_images}: RSA needs at least 3 images")
+            raise InvalidInputError(f"--n-images {n_images}: RSA needs at least 3 images")
         rows = rows[:n_images]
     if len(np.unique(ids)) == len(ids):  # one row per image already (repeats averaged when prepared)
         betas = np.asarray(samples.betas[rows], np.float32)
@@ -95,7 +96,7 @@ def split_patterns(prepared, split: str = "test", n_images: int | None = None):
         _, averaged = average_by_stimulus(ids[keep], {"betas": np.asarray(samples.betas[keep])})
         betas = averaged["betas"]  # the same first-appearance order as ids[rows]
     if len(rows) < 3:
-        raise ValueError(f"{prepared.root}: the {split} split has {len(rows)} images; RSA needs at least 3")
+        raise InvalidInputError(f"{prepared.root}: the {split} split has {len(rows)} images; RSA needs at least 3")
     return ids[rows], betas, np.asarray(samples.images[rows])
 
 
@@ -107,7 +108,7 @@ def rdm(patterns) -> np.ndarray:
     """
     x = np.asarray(patterns, np.float64)
     if x.ndim != 2 or len(x) < 2:
-        raise ValueError(f"an RDM needs patterns of shape (n >= 2, p), got {x.shape}")
+        raise InvalidInputError(f"an RDM needs patterns of shape (n >= 2, p), got {x.shape}")
     x = x - x.mean(0)
     x = x - x.mean(1, keepdims=True)
     norm = np.linalg.norm(x, axis=1)
@@ -151,7 +152,7 @@ def rsa_matrix(brain: np.ndarray, model: np.ndarray) -> np.ndarray:
     """
     brain, model = np.atleast_2d(brain), np.atleast_2d(model)
     if brain.shape[1] != model.shape[1]:
-        raise ValueError(f"RDMs over different image pairs: {brain.shape[1]} and {model.shape[1]}")
+        raise InvalidInputError(f"RDMs over different image pairs: {brain.shape[1]} and {model.shape[1]}")
     return _ranked(brain) @ _ranked(model).T / brain.shape[1]
 
 
@@ -195,18 +196,18 @@ def run(args) -> str:
     rois = list(dict.fromkeys(args.rois)) if args.rois else list(ROIS)
     unknown = [r for r in rois if r not in ROIS]
     if unknown:
-        raise ValueError(f"Unknown ROI {unknown[0]!r}; choose from {list(ROIS)}")
+        raise InvalidInputError(f"Unknown ROI {unknown[0]!r}; choose from {list(ROIS)}")
     if not Path(args.data).is_dir():
-        raise FileNotFoundError(f"{args.data}: no such prepared dataset folder")
+        raise MissingInputError(f"{args.data}: no such prepared dataset folder")
     prepared = load_prepared(args.data)
     masks = roi_masks(prepared.voxels, rois)
     sizes = {r: int(m.sum()) for r, m in masks.items()}
     empty = [r for r in rois if sizes[r] < 2]
     if args.rois and empty:
-        raise ValueError(f"ROI {empty[0]!r} has {sizes[empty[0]]} voxels in {args.data}; RSA needs at least 2")
+        raise InvalidInputError(f"ROI {empty[0]!r} has {sizes[empty[0]]} voxels in {args.data}; RSA needs at least 2")
     rois = [r for r in rois if r not in empty]  # the default list skips ROIs a (small) dataset lacks
     if not rois:
-        raise ValueError(f"{args.data}: none of the ROIs {list(ROIS)} has 2 or more voxels")
+        raise InvalidInputError(f"{args.data}: none of the ROIs {list(ROIS)} has 2 or more voxels")
     ids, betas, images = split_patterns(prepared, args.split, args.n_images)
 
     towers = load_clip(args.clip, device=_device(args.cpu))

@@ -21,6 +21,7 @@ from brainmclip.data import nsd_paths
 from brainmclip.data.nsd_official import read_roi_volume
 from brainmclip.data.nsd_paths import ROI_NAMES
 from brainmclip.data.prepared import PreparedWriter, VoxelSet
+from brainmclip.errors import InvalidInputError, MissingInputError, OutputInTheWayError
 
 __all__ = ["ROW_CHUNK", "check_out", "file_identity", "nsd_voxels", "zscore_with_non_test", "open_h5", "to_uint8",
            "check_ids", "require_readable", "check_curated_captions", "coco_caption_files", "check_nsd_stimuli",
@@ -63,9 +64,9 @@ def check_out(out: Path, identity: dict, force: bool) -> str:
     known = {"manifest.json", "voxels.npz", ".work", ".staging", "train", "val", "test"}
     if not force:
         if {p.name for p in out.iterdir()} <= known:
-            raise FileExistsError(f"{out} holds a dataset prepared from other inputs or options; "
+            raise OutputInTheWayError(f"{out} holds a dataset prepared from other inputs or options; "
                                   "pass --force to replace it or choose another folder")
-        raise FileExistsError(f"{out} is not empty and is not a prepared dataset; choose another folder or pass --force")
+        raise OutputInTheWayError(f"{out} is not empty and is not a prepared dataset; choose another folder or pass --force")
     for name in known:
         target = out / name
         if target.is_dir():
@@ -82,14 +83,14 @@ def nsd_voxels(root: Path, subject: int, detail: str) -> tuple[VoxelSet, dict[st
     grid = nsdgeneral.shape
     mask = nsdgeneral > 0
     if not mask.any():
-        raise ValueError(f"{nsd_paths.roi_path(root, subject, 'nsdgeneral')}: no voxel labelled > 0")
+        raise InvalidInputError(f"{nsd_paths.roi_path(root, subject, 'nsdgeneral')}: no voxel labelled > 0")
     ijk = np.argwhere(mask)  # C order on (X, Y, Z): the order every NSD pipeline uses
     for roi in ROI_NAMES:
         volume, roi_affine = (nsdgeneral, affine) if roi == "nsdgeneral" else read_roi_volume(root, subject, roi)
         path = nsd_paths.roi_path(root, subject, roi)
         paths[roi] = path
         if volume.shape != grid or not np.allclose(roi_affine, affine, atol=1e-3):
-            raise ValueError(f"{path}: grid {volume.shape} does not match nsdgeneral's {grid} (or its affine); "
+            raise InvalidInputError(f"{path}: grid {volume.shape} does not match nsdgeneral's {grid} (or its affine); "
                              "expected ROI files of the same func1pt8mm space")
         labels[roi] = np.clip(volume[mask], 0, None).astype(np.int16)
     return VoxelSet.from_rois(grid, ijk, labels, detail), paths
@@ -108,7 +109,7 @@ def zscore_with_non_test(outputs: dict[str, np.ndarray], source) -> None:
     fit = [outputs[split] for split in outputs if split != "test"]
     n = sum(len(x) for x in fit)
     if n < 2:
-        raise ValueError(f"{source}: {n} non-test rows (train + val); z-scoring with their statistics needs at "
+        raise InvalidInputError(f"{source}: {n} non-test rows (train + val); z-scoring with their statistics needs at "
                          "least 2")
     n_voxels = fit[0].shape[1]
     total = np.zeros(n_voxels, np.float64)
@@ -123,7 +124,7 @@ def zscore_with_non_test(outputs: dict[str, np.ndarray], source) -> None:
     sd = np.sqrt(squares / (n - 1))
     constant = np.flatnonzero(sd == 0)
     if len(constant):
-        raise ValueError(f"{source}: {len(constant)} voxels are constant over the {n} non-test rows (train + val; "
+        raise InvalidInputError(f"{source}: {len(constant)} voxels are constant over the {n} non-test rows (train + val; "
                          f"first column {int(constant[0])}); cannot z-score them (use normalize 'none')")
     for out in outputs.values():
         for start in range(0, len(out), ROW_CHUNK):
@@ -135,12 +136,12 @@ def require_readable(path: Path, what: str) -> Path:
     """``path`` if it is a file this process can open, else a one-line error naming it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing ({what})")
+        raise MissingInputError(f"{path}: missing ({what})")
     try:
         with open(path, "rb") as f:
             f.read(1)
     except OSError as exc:
-        raise ValueError(f"{path}: cannot be read ({exc.strerror or exc}); expected {what}") from None
+        raise InvalidInputError(f"{path}: cannot be read ({exc.strerror or exc}); expected {what}") from None
     return path
 
 
@@ -148,7 +149,7 @@ def check_ids(ids: np.ndarray, n_images: int, path: Path) -> None:
     """Every NSD id in ``ids`` indexes a table of ``n_images`` rows read from ``path``."""
     if len(ids) and (ids.min() < 0 or ids.max() >= n_images):
         bad = ids[(ids < 0) | (ids >= n_images)][0]
-        raise ValueError(f"{path}: has {n_images} images; NSD id {int(bad)} is outside it")
+        raise InvalidInputError(f"{path}: has {n_images} images; NSD id {int(bad)} is outside it")
 
 
 def check_curated_captions(path: Path, nsd_ids: np.ndarray | None = None) -> None:
@@ -165,9 +166,9 @@ def check_curated_captions(path: Path, nsd_ids: np.ndarray | None = None) -> Non
             shape, _, dtype = read(f)
     except (ValueError, OSError, EOFError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"{path}: not a readable .npy array ({message}); expected {what}") from None
+        raise InvalidInputError(f"{path}: not a readable .npy array ({message}); expected {what}") from None
     if len(shape) != 2 or dtype.kind not in "US":
-        raise ValueError(f"{path}: shape {shape} {dtype}; expected {what}")
+        raise InvalidInputError(f"{path}: shape {shape} {dtype}; expected {what}")
     if nsd_ids is not None:
         check_ids(np.asarray(nsd_ids), shape[0], path)
 
@@ -181,11 +182,11 @@ def coco_caption_files(root: Path, coco_splits) -> list[Path]:
 def open_h5(path: Path, what: str) -> h5py.File:
     """An HDF5 file opened for reading, or a one-line error naming it."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing ({what})")
+        raise MissingInputError(f"{path}: missing ({what})")
     try:
         return h5py.File(path, "r")
     except OSError as exc:
-        raise ValueError(f"{path}: not a readable HDF5 file ({str(exc).splitlines()[0]}); expected {what}") from None
+        raise InvalidInputError(f"{path}: not a readable HDF5 file ({str(exc).splitlines()[0]}); expected {what}") from None
 
 
 def check_nsd_stimuli(stimuli: Path, nsd_ids: np.ndarray | None = None) -> tuple[int, ...]:
@@ -199,7 +200,7 @@ def check_nsd_stimuli(stimuli: Path, nsd_ids: np.ndarray | None = None) -> tuple
 
 def _img_brick(f: h5py.File, path: Path) -> h5py.Dataset:
     if "imgBrick" not in f or f["imgBrick"].ndim != 4 or f["imgBrick"].shape[3] != 3:
-        raise ValueError(f"{path}: no dataset 'imgBrick' of shape (n, H, W, 3); expected NSD's stimuli file")
+        raise InvalidInputError(f"{path}: no dataset 'imgBrick' of shape (n, H, W, 3); expected NSD's stimuli file")
     return f["imgBrick"]
 
 
@@ -211,7 +212,7 @@ def to_uint8(block: np.ndarray, path: Path, scale: float) -> np.ndarray:
     x = np.asarray(block, np.float64) * scale
     if not np.isfinite(x).all() or x.min() < -0.5 or x.max() > 255.5:
         expected = "0-255" if scale == 1 else "0-1"
-        raise ValueError(f"{path}: pixel values {np.nanmin(block):g}..{np.nanmax(block):g}; expected {expected}")
+        raise InvalidInputError(f"{path}: pixel values {np.nanmin(block):g}..{np.nanmax(block):g}; expected {expected}")
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 

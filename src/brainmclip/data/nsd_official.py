@@ -19,6 +19,7 @@ import scipy.io
 
 from brainmclip.data import nsd_paths
 from brainmclip.data.nsd_paths import BETA_SCALE, N_SUBJECTS, ROI_LABELS, check_subject
+from brainmclip.errors import InvalidInputError, MissingInputError
 
 __all__ = [
     "NSD_PLANNED_SESSIONS",
@@ -39,7 +40,7 @@ NSD_PLANNED_SESSIONS = 40
 
 def _require(path: Path, what: str) -> Path:
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: missing ({what})")
+        raise MissingInputError(f"{path}: missing ({what})")
     return Path(path)
 
 
@@ -84,20 +85,20 @@ def read_expdesign(root: Path) -> ExpDesign:
     try:
         mat = scipy.io.loadmat(path)
     except Exception as exc:  # scipy raises several unrelated types for a bad file
-        raise ValueError(f"{path}: not a readable MAT-file ({exc})") from None
+        raise InvalidInputError(f"{path}: not a readable MAT-file ({exc})") from None
     for key in ("masterordering", "subjectim", "sharedix"):
         if key not in mat:
-            raise ValueError(f"{path}: no variable {key!r}; expected masterordering, subjectim and sharedix")
+            raise InvalidInputError(f"{path}: no variable {key!r}; expected masterordering, subjectim and sharedix")
     mo = np.asarray(mat["masterordering"]).ravel().astype(np.int64) - 1
     subjectim = np.asarray(mat["subjectim"]).astype(np.int64) - 1
     sharedix = np.asarray(mat["sharedix"]).ravel().astype(np.int64) - 1
     if subjectim.ndim != 2 or subjectim.shape[0] != N_SUBJECTS:
-        raise ValueError(f"{path}: subjectim has shape {subjectim.shape}; expected ({N_SUBJECTS}, n_images)")
+        raise InvalidInputError(f"{path}: subjectim has shape {subjectim.shape}; expected ({N_SUBJECTS}, n_images)")
     if len(mo) % NSD_PLANNED_SESSIONS or mo.min() < 0 or mo.max() >= subjectim.shape[1]:
-        raise ValueError(f"{path}: masterordering must index subjectim columns and split into "
+        raise InvalidInputError(f"{path}: masterordering must index subjectim columns and split into "
                          f"{NSD_PLANNED_SESSIONS} sessions; got {len(mo)} trials, values {mo.min() + 1}..{mo.max() + 1}")
     if not np.array_equal(subjectim[0, : len(sharedix)], sharedix):
-        raise ValueError(f"{path}: subjectim does not start with the sharedix images; not an NSD design")
+        raise InvalidInputError(f"{path}: subjectim does not start with the sharedix images; not an NSD design")
     return ExpDesign(mo, subjectim, sharedix)
 
 
@@ -108,12 +109,12 @@ def read_stim_info(root: Path) -> dict[str, np.ndarray]:
         reader = csv.DictReader(f)
         missing = {"cocoId", "cocoSplit", "nsdId"} - set(reader.fieldnames or ())
         if missing:
-            raise ValueError(f"{path}: columns {sorted(missing)} missing; expected NSD's stim info columns")
+            raise InvalidInputError(f"{path}: columns {sorted(missing)} missing; expected NSD's stim info columns")
         rows = list(reader)
     nsd_id = np.array([int(r["nsdId"]) for r in rows])
     order = np.argsort(nsd_id)
     if not np.array_equal(nsd_id[order], np.arange(len(rows))):
-        raise ValueError(f"{path}: nsdId is not 0..{len(rows) - 1}")
+        raise InvalidInputError(f"{path}: nsdId is not 0..{len(rows) - 1}")
     return {
         "cocoId": np.array([int(rows[i]["cocoId"]) for i in order]),
         "cocoSplit": np.array([rows[i]["cocoSplit"] for i in order]),
@@ -129,12 +130,12 @@ def read_coco_captions(root: Path, coco_ids: np.ndarray, coco_splits: np.ndarray
         try:
             doc = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+            raise InvalidInputError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
         for ann in doc.get("annotations", []):
             by_id.setdefault(int(ann["image_id"]), []).append(ann["caption"].strip())
     missing = [int(c) for c in coco_ids if int(c) not in by_id]
     if missing:
-        raise ValueError(f"no COCO caption for {len(missing)} images (first cocoId {missing[0]}) under "
+        raise InvalidInputError(f"no COCO caption for {len(missing)} images (first cocoId {missing[0]}) under "
                          f"{nsd_paths.captions_path(root, 'train2017').parent}")
     return [by_id[int(c)] for c in coco_ids]
 
@@ -143,7 +144,7 @@ def read_curated_captions(path: Path, nsd_ids: np.ndarray) -> list[list[str]]:
     """Captions from the community file ``COCO_73k_annots_curated.npy`` (73000 x 5 strings)."""
     annots = np.load(_require(path, "curated COCO captions"), allow_pickle=False)
     if annots.ndim != 2 or len(annots) <= int(np.max(nsd_ids)):
-        raise ValueError(f"{path}: shape {annots.shape}; expected (73000, n_captions) strings")
+        raise InvalidInputError(f"{path}: shape {annots.shape}; expected (73000, n_captions) strings")
     return [[str(c).strip() for c in annots[i] if str(c).strip()] for i in nsd_ids]
 
 
@@ -154,14 +155,14 @@ def read_roi_volume(root: Path, subject: int, roi: str) -> tuple[np.ndarray, np.
         img = nib.load(path)
         data = np.asarray(img.dataobj)
     except Exception as exc:
-        raise ValueError(f"{path}: not a readable NIfTI volume ({exc})") from None
+        raise InvalidInputError(f"{path}: not a readable NIfTI volume ({exc})") from None
     if data.ndim != 3:
-        raise ValueError(f"{path}: shape {data.shape}; expected a 3-D label volume")
+        raise InvalidInputError(f"{path}: shape {data.shape}; expected a 3-D label volume")
     labels = np.rint(data).astype(np.int16)
     allowed = {-1, 0, *ROI_LABELS[roi]}
     extra = set(np.unique(labels).tolist()) - allowed
     if extra:
-        raise ValueError(f"{path}: labels {sorted(extra)[:5]} outside {sorted(allowed)}")
+        raise InvalidInputError(f"{path}: labels {sorted(extra)[:5]} outside {sorted(allowed)}")
     return labels, img.affine
 
 
@@ -201,12 +202,12 @@ class _NiftiGzSession(BetasSession):
             with gzip.open(self.path, "rb") as f:
                 self.header = nib.Nifti1Header.from_fileobj(f)
         except (OSError, EOFError, zlib.error) as exc:
-            raise ValueError(f"{self.path}: not a readable .nii.gz ({exc})") from None
+            raise InvalidInputError(f"{self.path}: not a readable .nii.gz ({exc})") from None
         except Exception as exc:  # nibabel's HeaderDataError and friends
-            raise ValueError(f"{self.path}: bad NIfTI header ({exc})") from None
+            raise InvalidInputError(f"{self.path}: bad NIfTI header ({exc})") from None
         shape = self.header.get_data_shape()
         if len(shape) != 4 or tuple(shape[:3]) != self.grid_shape:
-            raise ValueError(f"{self.path}: betas of shape {shape}; expected {self.grid_shape} x trials "
+            raise InvalidInputError(f"{self.path}: betas of shape {shape}; expected {self.grid_shape} x trials "
                              "(the grid of the subject's ROI files)")
         self.shape = tuple(int(s) for s in shape)
         self.dtype = self.header.get_data_dtype()
@@ -233,7 +234,7 @@ class _NiftiGzSession(BetasSession):
                         raise EOFError
                     out[t] = np.frombuffer(raw, self.dtype)[flat]
         except (EOFError, OSError, zlib.error):
-            raise ValueError(f"{self.path}: truncated or corrupt; expected {self.n_trials} volumes of "
+            raise InvalidInputError(f"{self.path}: truncated or corrupt; expected {self.n_trials} volumes of "
                              f"{self.grid_shape} {self.dtype}") from None
         if self.slope != 1.0 or self.inter != 0.0:
             out = out * self.slope + self.inter
@@ -252,9 +253,9 @@ class _Hdf5Session(BetasSession):
             with h5py.File(self.path, "r") as f:
                 shape = f["betas"].shape
         except (OSError, KeyError) as exc:
-            raise ValueError(f"{self.path}: no readable dataset 'betas' ({exc})") from None
+            raise InvalidInputError(f"{self.path}: no readable dataset 'betas' ({exc})") from None
         if len(shape) != 4 or tuple(shape[1:]) != self.grid_shape[::-1]:
-            raise ValueError(f"{self.path}: betas of shape {shape}; expected (trials, Z, Y, X) = "
+            raise InvalidInputError(f"{self.path}: betas of shape {shape}; expected (trials, Z, Y, X) = "
                              f"(trials, {', '.join(map(str, self.grid_shape[::-1]))})")
         self._n = int(shape[0])
 
@@ -285,4 +286,4 @@ def open_betas_session(root: Path, subject: int, session: int, version: str,
     hdf5 = nsd_paths.betas_path(root, subject, session, version, suffix=".hdf5")
     if hdf5.is_file():
         return _Hdf5Session(hdf5, grid_shape)
-    raise FileNotFoundError(f"{nifti}: missing (betas of session {session}; no .hdf5 variant either)")
+    raise MissingInputError(f"{nifti}: missing (betas of session {session}; no .hdf5 variant either)")

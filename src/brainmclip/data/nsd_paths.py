@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from brainmclip.errors import InvalidInputError
+
 __all__ = [
     "BETA_SCALE",
     "HIGH_LEVEL_ROIS",
@@ -72,7 +74,7 @@ HIGH_LEVEL_ROIS = ("floc-bodies", "floc-faces", "floc-places", "floc-words")
 def check_subject(subject: int) -> int:
     """Return ``subject`` if it is an NSD subject number (1-8), else raise ValueError."""
     if isinstance(subject, bool) or not isinstance(subject, int) or not 1 <= subject <= N_SUBJECTS:
-        raise ValueError(f"subject={subject!r} is not an NSD subject; expected an integer 1-{N_SUBJECTS}")
+        raise InvalidInputError(f"subject={subject!r} is not an NSD subject; expected an integer 1-{N_SUBJECTS}")
     return subject
 
 
@@ -95,7 +97,7 @@ def stimuli_path(root: Path) -> Path:
 def captions_path(root: Path, split: str) -> Path:
     """COCO caption file for ``split`` ('train2017' or 'val2017')."""
     if split not in ("train2017", "val2017"):
-        raise ValueError(f"Unknown COCO split={split!r}; expected 'train2017' or 'val2017'")
+        raise InvalidInputError(f"Unknown COCO split={split!r}; expected 'train2017' or 'val2017'")
     return Path(root) / f"nsddata_stimuli/stimuli/nsd/annotations/captions_{split}.json"
 
 
@@ -115,7 +117,7 @@ def ncsnr_path(root: Path, subject: int, version: str = "betas_fithrf_GLMdenoise
 
 def roi_path(root: Path, subject: int, roi: str) -> Path:
     if roi not in ROI_LABELS:
-        raise ValueError(f"Unknown ROI={roi!r}; choose from {sorted(ROI_LABELS)}")
+        raise InvalidInputError(f"Unknown ROI={roi!r}; choose from {sorted(ROI_LABELS)}")
     return Path(root) / "nsddata/ppdata" / subject_dir_name(subject) / "func1pt8mm/roi" / f"{roi}.nii.gz"
 
 

@@ -48,6 +48,7 @@ from brainmclip.data.nsd_official import (
 )
 from brainmclip.data.nsd_paths import NSD_SESSIONS_PER_SUBJECT, check_subject
 from brainmclip.data.prepared import PREPARED_FORMAT, PreparedSubject, PreparedWriter, VoxelSet, load_prepared
+from brainmclip.errors import InvalidInputError, MissingInputError
 from brainmclip.paths import record_path
 
 __all__ = ["PrepareOptions", "prepare_subject", "NORMALIZATIONS", "TEST_SETS", "session_plan"]
@@ -109,15 +110,15 @@ class PrepareOptions:
 
     def __post_init__(self):
         if self.test_set not in TEST_SETS:
-            raise ValueError(f"Unknown test_set={self.test_set!r}; choose from {list(TEST_SETS)}")
+            raise InvalidInputError(f"Unknown test_set={self.test_set!r}; choose from {list(TEST_SETS)}")
         if self.normalize not in NORMALIZATIONS:
-            raise ValueError(f"Unknown normalize={self.normalize!r}; choose from {list(NORMALIZATIONS)}")
+            raise InvalidInputError(f"Unknown normalize={self.normalize!r}; choose from {list(NORMALIZATIONS)}")
         if self.detail_voxels not in ("roi", "nsdgeneral"):
-            raise ValueError(f"Unknown detail_voxels={self.detail_voxels!r}; choose 'roi' or 'nsdgeneral'")
+            raise InvalidInputError(f"Unknown detail_voxels={self.detail_voxels!r}; choose 'roi' or 'nsdgeneral'")
         if self.sessions is not None and (not self.sessions or min(self.sessions) < 1):
-            raise ValueError(f"sessions={self.sessions!r}; expected 1-based session numbers")
+            raise InvalidInputError(f"sessions={self.sessions!r}; expected 1-based session numbers")
         if self.val_size is not None and self.val_size < 0:
-            raise ValueError(f"val_size={self.val_size!r}; expected a non-negative number of images")
+            raise InvalidInputError(f"val_size={self.val_size!r}; expected a non-negative number of images")
 
     def identity(self) -> dict:
         """The options that change the output (full_hash only changes how inputs are identified)."""
@@ -153,7 +154,7 @@ def session_plan(design: ExpDesign, subject: int, sessions: list[int], val_size:
     test = first_appearance(images[is_test])
     n_val = round(len(train) * DEFAULT_VAL_FRACTION) if val_size is None else val_size
     if n_val >= len(train):
-        raise ValueError(f"val_size={n_val} leaves no training images (train has {len(train)})")
+        raise InvalidInputError(f"val_size={n_val} leaves no training images (train has {len(train)})")
     plan.split_images = {"train": train[: len(train) - n_val], "val": train[len(train) - n_val:], "test": test}
     return plan
 
@@ -168,14 +169,14 @@ def _choose_sessions(root: Path, subject: int, options: PrepareOptions, design: 
         wanted = list(range(1, last + 1))
     planned = len(design.masterordering) // design.trials_per_session
     if wanted[-1] > planned:
-        raise ValueError(f"{nsd_paths.expdesign_path(root)}: the design plans sessions 1-{planned}; session "
+        raise InvalidInputError(f"{nsd_paths.expdesign_path(root)}: the design plans sessions 1-{planned}; session "
                          f"{wanted[-1]} was requested; choose sessions with --sessions")
     found = available_sessions(root, subject, options.betas_version)
     missing = [s for s in wanted if s not in found]
     if missing:
         folder = nsd_paths.betas_dir(root, subject, options.betas_version)
         have = f"found sessions {_short(found)}" if found else "found no betas_sessionNN files"
-        raise FileNotFoundError(f"{folder}: betas_session{missing[0]:02d} missing ({len(missing)} of the requested "
+        raise MissingInputError(f"{folder}: betas_session{missing[0]:02d} missing ({len(missing)} of the requested "
                                 f"sessions {_short(wanted)} absent; {have}); choose sessions with --sessions")
     return wanted
 
@@ -199,7 +200,7 @@ def prepare_subject(nsd_root, subject: int, out_dir, options: PrepareOptions | N
     subject = check_subject(subject)
     root, out = Path(nsd_root), Path(out_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: NSD root folder not found")
+        raise MissingInputError(f"{root}: NSD root folder not found")
 
     # 1. Inputs: design, voxels, sessions, stimuli, captions, and their identities. Every file
     # the run reads is checked here, so that none is found missing after hours of sessions.
@@ -303,7 +304,7 @@ def _rel(path: Path, root: Path) -> str:
 
 def _check_trial_count(reader, plan: SessionPlan, root: Path) -> None:
     if reader.n_trials != plan.trials_per_session:
-        raise ValueError(f"{reader.path}: {reader.n_trials} trials; {nsd_paths.expdesign_path(root).name} "
+        raise InvalidInputError(f"{reader.path}: {reader.n_trials} trials; {nsd_paths.expdesign_path(root).name} "
                          f"expects {plan.trials_per_session} per session (wrong design or betas file?)")
 
 
@@ -311,22 +312,23 @@ def _check_betas(betas: np.ndarray, path: Path, voxels: VoxelSet) -> None:
     bad = ~np.isfinite(betas).all(0)
     if bad.any():
         i, j, k = voxels.voxel_ijk[np.flatnonzero(bad)[0]]
-        raise ValueError(f"{path}: {int(bad.sum())} nsdgeneral voxels hold NaN or inf (first at voxel {i},{j},{k}); "
+        raise InvalidInputError(f"{path}: {int(bad.sum())} nsdgeneral voxels hold NaN or inf (first at voxel {i},{j},{k}); "
                          "expected finite betas")
     zero = ~betas.any(0)
     if zero.any():
         i, j, k = voxels.voxel_ijk[np.flatnonzero(zero)[0]]
-        raise ValueError(f"{path}: {int(zero.sum())} nsdgeneral voxels are all zero (first at voxel {i},{j},{k}); "
+        raise InvalidInputError(f"{path}: {int(zero.sum())} nsdgeneral voxels are all zero (first at voxel {i},{j},{k}); "
                          "expected betas for every nsdgeneral voxel (wrong mask or subject?)")
 
 
 def _zscore_with_train(betas: np.ndarray, train_rows: np.ndarray, path: Path) -> np.ndarray:
     if train_rows.sum() < 2:
-        raise ValueError(f"{path}: fewer than 2 training trials in this session; cannot z-score with train statistics")
+        raise InvalidInputError(f"{path}: fewer than 2 training trials in this session; cannot z-score with "
+                                f"train statistics")
     fit = betas[train_rows].astype(np.float64)
     mean, sd = fit.mean(0), fit.std(0)
     if (sd == 0).any():
-        raise ValueError(f"{path}: {int((sd == 0).sum())} voxels are constant over the session's train trials; "
+        raise InvalidInputError(f"{path}: {int((sd == 0).sum())} voxels are constant over the session's train trials; "
                          "cannot z-score them")
     return ((betas - mean) / sd).astype(np.float32)
 

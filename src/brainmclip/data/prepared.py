@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from brainmclip.atomic import read_manifest, write_json_atomic
+from brainmclip.errors import InvalidInputError
 from brainmclip.types import FmriSamples
 
 __all__ = ["PREPARED_FORMAT", "SPLITS", "VoxelSet", "PreparedSubject", "PreparedWriter", "load_prepared",
@@ -64,7 +65,7 @@ class VoxelSet:
     def group(self, name: str) -> np.ndarray:
         if name not in self.groups:
             available = sorted(self.groups)
-            raise ValueError(f"voxel group {name!r} is not available in this dataset (it has {available}); "
+            raise InvalidInputError(f"voxel group {name!r} is not available in this dataset (it has {available}); "
                              "ROI-based groups need the NSD ROI files (prepare with --nsd-root)")
         return self.groups[name]
 
@@ -97,7 +98,7 @@ class VoxelSet:
         for roi in ("floc-bodies", "floc-faces", "floc-places", "floc-words"):
             high |= roi_labels[roi] > 0
         if detail not in ("roi", "nsdgeneral"):
-            raise ValueError(f"Unknown detail={detail!r}; choose 'roi' (prf-visualrois ∪ floc) or 'nsdgeneral'")
+            raise InvalidInputError(f"Unknown detail={detail!r}; choose 'roi' (prf-visualrois ∪ floc) or 'nsdgeneral'")
         detail_mask = (low | high) if detail == "roi" else np.ones(n, bool)
         groups = {"all": np.arange(n), "low_level": np.flatnonzero(low), "high_level": np.flatnonzero(high),
                   "semantic": np.flatnonzero(high), "detail": np.flatnonzero(detail_mask)}
@@ -167,7 +168,8 @@ def load_prepared(path: str | os.PathLike, images: bool = True) -> PreparedSubje
         folder = root / split
         betas = np.load(folder / "betas.npy", mmap_mode="r")
         if betas.shape[1] != voxels.n_voxels:
-            raise ValueError(f"{folder / 'betas.npy'}: {betas.shape[1]} voxels; voxels.npz describes {voxels.n_voxels}")
+            raise InvalidInputError(f"{folder / 'betas.npy'}: {betas.shape[1]} voxels; voxels.npz describes "
+                                    f"{voxels.n_voxels}")
         image_file = folder / "images.npy"
         splits[split] = FmriSamples(
             betas=betas,
@@ -195,7 +197,7 @@ class _RowStream:
     def write(self, block: np.ndarray) -> None:
         block = np.ascontiguousarray(block, self.dtype)
         if block.shape[1:] != self.shape[1:] or self.written + len(block) > self.shape[0]:
-            raise ValueError(f"{self._file.name}: block {block.shape} does not fit {self.shape} after "
+            raise InvalidInputError(f"{self._file.name}: block {block.shape} does not fit {self.shape} after "
                              f"{self.written} rows")
         self._file.write(block.tobytes())
         self.written += len(block)
@@ -203,7 +205,7 @@ class _RowStream:
     def close(self) -> None:
         self._file.close()
         if self.written != self.shape[0]:
-            raise ValueError(f"{self._file.name}: {self.written} rows written, expected {self.shape[0]}")
+            raise InvalidInputError(f"{self._file.name}: {self.written} rows written, expected {self.shape[0]}")
 
 
 class PreparedWriter:

@@ -25,6 +25,7 @@ from scipy import stats
 from brainmclip import __version__
 from brainmclip.atomic import write_bytes_atomic, write_json_atomic
 from brainmclip.data.prepared import load_prepared
+from brainmclip.errors import InvalidInputError, MissingInputError
 from brainmclip.evaluation.metric_table import METRIC_TABLE, METRICS
 from brainmclip.evaluation.published import PUBLISHED
 from brainmclip.evaluation.retrieval import DIRECTIONS, INTERVAL, decoded_retrieval
@@ -78,9 +79,9 @@ def _truth_images(data: Path, ids: np.ndarray) -> np.ndarray:
     row = {int(i): r for r, i in enumerate(test.stimulus_ids)}
     missing = [int(i) for i in ids if int(i) not in row]
     if missing:
-        raise ValueError(f"{data}: test split lacks NSD ids {missing[:3]} of the reconstructions")
+        raise InvalidInputError(f"{data}: test split lacks NSD ids {missing[:3]} of the reconstructions")
     if test.images is None:
-        raise ValueError(f"{data}: prepared without images; ground truth needs them")
+        raise InvalidInputError(f"{data}: prepared without images; ground truth needs them")
     return np.stack([np.asarray(test.images[row[int(i)]]) for i in ids])
 
 
@@ -120,7 +121,7 @@ def evaluate_reconstructions(recon_dirs, out, protocol=None, clip_model: str = "
         pred_manifest, run, pred_dir, run_dir = _run_info(recon)
         data = resolve_path(run["data"], run_dir) if run.get("data") else None
         if not run or data is None or not (data / "manifest.json").exists():
-            raise FileNotFoundError(f"{recon_dir}: cannot find the run and prepared dataset behind these "
+            raise MissingInputError(f"{recon_dir}: cannot find the run and prepared dataset behind these "
                                     f"reconstructions (predictions at {pred_dir})")
         features = resolve_path(run["features"], run_dir) if run.get("features") else None
         ids = recon.stimulus_ids
@@ -186,13 +187,13 @@ def load_evaluation(eval_dir) -> dict:
     eval_dir = Path(eval_dir)
     metrics_file = eval_dir / "metrics.json"
     if not metrics_file.is_file():
-        raise FileNotFoundError(f"{metrics_file}: missing; run brainmclip evaluate --out {eval_dir} first")
+        raise MissingInputError(f"{metrics_file}: missing; run brainmclip evaluate --out {eval_dir} first")
     try:
         report = json.loads(metrics_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{metrics_file}: not readable JSON ({err}); run brainmclip evaluate again") from None
+        raise InvalidInputError(f"{metrics_file}: not readable JSON ({err}); run brainmclip evaluate again") from None
     if report.get("format") != EVALUATION_FORMAT:
-        raise ValueError(f"{metrics_file}: format {report.get('format')!r}; expected {EVALUATION_FORMAT!r} "
+        raise InvalidInputError(f"{metrics_file}: format {report.get('format')!r}; expected {EVALUATION_FORMAT!r} "
                          "(written by an older brainmclip: run brainmclip evaluate again)")
     runs = []
     for values in report["runs"]:

@@ -67,6 +67,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from brainmclip.errors import InvalidInputError, MissingInputError
 from brainmclip.evaluation.metric_table import (
     DISTANCE_METRICS,
     IDENTIFICATION_METRICS,
@@ -138,18 +139,18 @@ class MetricProtocol:
 
     def __post_init__(self):
         if self.name not in _PROTOCOL_DEFAULTS:
-            raise ValueError(f"Unknown protocol {self.name!r}; choose from {list(_PROTOCOL_DEFAULTS)}")
+            raise InvalidInputError(f"Unknown protocol {self.name!r}; choose from {list(_PROTOCOL_DEFAULTS)}")
         for key, value in _PROTOCOL_DEFAULTS[self.name].items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
         if self.ssim not in ("gaussian", "columnwise"):
-            raise ValueError(f"Unknown ssim={self.ssim!r}; choose 'gaussian' or 'columnwise'")
+            raise InvalidInputError(f"Unknown ssim={self.ssim!r}; choose 'gaussian' or 'columnwise'")
         if self.pixels not in ("resized", "truth-native"):
-            raise ValueError(f"Unknown pixels={self.pixels!r}; choose 'resized' or 'truth-native'")
+            raise InvalidInputError(f"Unknown pixels={self.pixels!r}; choose 'resized' or 'truth-native'")
         if self.pixels == "resized" and self.pixel_size is None:
-            raise ValueError("pixels='resized' needs a pixel_size")
+            raise InvalidInputError("pixels='resized' needs a pixel_size")
         if self.resize not in ("torch", "pil"):
-            raise ValueError(f"Unknown resize={self.resize!r}; choose 'torch' or 'pil'")
+            raise InvalidInputError(f"Unknown resize={self.resize!r}; choose 'torch' or 'pil'")
 
     def network_size(self, network: str) -> int:
         return {"AlexNet": self.alexnet_size, "InceptionV3": self.inception_size, "CLIP": self.clip_size,
@@ -163,7 +164,7 @@ class MetricProtocol:
 def _check_images(images, what: str) -> np.ndarray:
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"{what}: dtype {images.dtype} and shape {images.shape}; expected uint8 (n, H, W, 3)")
+        raise InvalidInputError(f"{what}: dtype {images.dtype} and shape {images.shape}; expected uint8 (n, H, W, 3)")
     return images
 
 
@@ -231,7 +232,7 @@ def ssim(recon: torch.Tensor, truth: torch.Tensor, mode: str = "gaussian") -> np
     if mode == "columnwise":
         return np.array([ssim_columnwise(g, r) for g, r in zip(gt, rec, strict=True)])
     if mode != "gaussian":
-        raise ValueError(f"Unknown SSIM mode {mode!r}")
+        raise InvalidInputError(f"Unknown SSIM mode {mode!r}")
     return np.array([structural_similarity(g, r, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
                                            data_range=1.0) for g, r in zip(gt, rec, strict=True)])
 
@@ -247,7 +248,7 @@ def ssim_columnwise(gt: np.ndarray, rec: np.ndarray, sigma: float = 1.5, data_ra
     truncate = 3.5
     pad = int(truncate * sigma + 0.5)
     if gt.shape != rec.shape or gt.ndim != 2 or gt.shape[0] < 2 * pad + 1:
-        raise ValueError(f"columnwise SSIM needs equal 2-D images with >= {2 * pad + 1} rows; got {gt.shape}")
+        raise InvalidInputError(f"columnwise SSIM needs equal 2-D images with >= {2 * pad + 1} rows; got {gt.shape}")
     x, y = gt.astype(np.float64), rec.astype(np.float64)
 
     def blur(v):
@@ -273,7 +274,7 @@ def pearson_matrix(a, b, device: str | torch.device | None = None) -> torch.Tens
     """r[i, j] = Pearson(a[i], b[j]) in float64: rows standardised, then matrix products over feature chunks."""
     a, b = _flat(a), _flat(b)
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature sizes differ: {a.shape[1]} vs {b.shape[1]}")
+        raise InvalidInputError(f"feature sizes differ: {a.shape[1]} vs {b.shape[1]}")
     device = torch.device(device) if device is not None else a.device
     d = a.shape[1]
     step = max(1, _CHUNK_ELEMENTS // max(len(a), len(b), 1))
@@ -299,7 +300,7 @@ def two_way_from_corr(r) -> np.ndarray:
     r = torch.as_tensor(r)
     n = r.shape[0]
     if r.ndim != 2 or r.shape[1] != n or n < 2:
-        raise ValueError(f"need a square correlation matrix of >= 2 items; got {tuple(r.shape)}")
+        raise InvalidInputError(f"need a square correlation matrix of >= 2 items; got {tuple(r.shape)}")
     wins = (r < torch.diagonal(r)[None, :]).sum(0)
     return (wins.double() / (n - 1)).numpy()
 
@@ -353,7 +354,7 @@ def _build_torchvision(network: str):
         return models.efficientnet_b1(weights=None)
     if network == "SwAV":
         return models.resnet50(weights=None)
-    raise ValueError(f"Unknown network {network!r}")
+    raise InvalidInputError(f"Unknown network {network!r}")
 
 
 def _load_state_dict(network: str, model: torch.nn.Module, path: Path) -> None:
@@ -364,7 +365,7 @@ def _load_state_dict(network: str, model: torch.nn.Module, path: Path) -> None:
         missing, _unexpected = model.load_state_dict(state, strict=False)  # projection head/prototypes unused
         backbone_missing = [k for k in missing if not k.startswith("fc.")]
         if backbone_missing:
-            raise ValueError(f"SwAV weights {path}: missing backbone tensors, e.g. {backbone_missing[:3]}")
+            raise InvalidInputError(f"SwAV weights {path}: missing backbone tensors, e.g. {backbone_missing[:3]}")
     else:
         model.load_state_dict(state)
 
@@ -374,7 +375,7 @@ def _torchvision_network(network: str, weights_dir, allow_random: bool, device) 
 
     path, places = _weights_path(network, weights_dir)
     if path is None and not allow_random:
-        raise FileNotFoundError(f"{network} weights {WEIGHT_FILES[network]} not found in "
+        raise MissingInputError(f"{network} weights {WEIGHT_FILES[network]} not found in "
                                 f"{', '.join(str(p.parent) for p in places)} (nothing is downloaded; "
                                 "pass weights_dir, or allow_random=True for uncalibrated test numbers)")
     with torch.random.fork_rng(devices=[]):
@@ -405,7 +406,7 @@ def _clip_network(clip_model: str, allow_random: bool, device) -> MetricNetwork:
         towers = load_clip(clip_model, device=device)
     except FileNotFoundError as err:
         if not allow_random:
-            raise FileNotFoundError(f"CLIP: {str(err).splitlines()[0]}") from None
+            raise MissingInputError(f"CLIP: {str(err).splitlines()[0]}") from None
         towers = load_clip("tiny", device=device)
     vision = towers.vision.eval()
 
@@ -468,9 +469,9 @@ def evaluate_images(recons, truths, protocol: MetricProtocol | None = None,
     metrics = check_metrics(metrics)
     n = len(recons)
     if len(truths) != n:
-        raise ValueError(f"{n} recons but {len(truths)} truths; they must pair one to one")
+        raise InvalidInputError(f"{n} recons but {len(truths)} truths; they must pair one to one")
     if n < 2 and any(m in metrics for m in IDENTIFICATION_METRICS):
-        raise ValueError("2-way identification needs at least 2 image pairs")
+        raise InvalidInputError("2-way identification needs at least 2 image pairs")
     if networks is None:
         networks = load_metric_networks(metrics, clip_model, weights_dir, allow_random, device)
 
@@ -517,7 +518,7 @@ def evaluate_images(recons, truths, protocol: MetricProtocol | None = None,
             per_image[m] = correlation_distance(f_gt, f_rec)[1]
     missing = [m for m in metrics if m not in per_image]
     if missing:
-        raise ValueError(f"no network given for {missing}")
+        raise InvalidInputError(f"no network given for {missing}")
     computed = [m for m in METRICS if m in per_image]
     return MetricReport(
         values={m: float(per_image[m].mean()) for m in computed},

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from brainmclip.errors import InvalidInputError
+
 __all__ = ["DISTANCE_METRICS", "IDENTIFICATION_METRICS", "LOWER_IS_BETTER", "METRICS", "METRIC_TABLE",
            "PIXEL_METRICS", "MetricSpec", "canonical_metric", "check_metrics", "format_interval", "format_metric",
            "metric_spec"]
@@ -82,7 +84,7 @@ def canonical_metric(name: str) -> str:
 def metric_spec(name: str) -> MetricSpec:
     spec = _BY_NAME.get(str(name).strip().lower())
     if spec is None:
-        raise ValueError(f"Unknown metric {name!r}; choose from {list(METRICS)}")
+        raise InvalidInputError(f"Unknown metric {name!r}; choose from {list(METRICS)}")
     return spec
 
 

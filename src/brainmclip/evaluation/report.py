@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from brainmclip.errors import InvalidInputError, MissingInputError
 from brainmclip.evaluation.metric_table import METRIC_TABLE, canonical_metric, format_interval, format_metric
 from brainmclip.evaluation.retrieval import INTERVAL
 from brainmclip.types import RunEvaluation
@@ -114,7 +115,7 @@ def _load_rgb(path) -> np.ndarray:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"report: image {path} does not exist")
+        raise MissingInputError(f"report: image {path} does not exist")
     with Image.open(path) as img:
         return np.asarray(img.convert("RGB"))
 
@@ -554,14 +555,14 @@ def _render_html(title: str, runs: Sequence[ReportRun], published: Sequence[Mapp
 
 def _validate(runs: Sequence[ReportRun]) -> None:
     if not runs:
-        raise ValueError("write_report: no runs given")
+        raise InvalidInputError("write_report: no runs given")
     seen = set()
     for k, run in enumerate(runs):
         if not isinstance(run, ReportRun):
-            raise ValueError(f"write_report: run {k} is a {type(run).__name__}; expected a ReportRun")
+            raise InvalidInputError(f"write_report: run {k} is a {type(run).__name__}; expected a ReportRun")
         key = (run.subject, run.method)
         if key in seen:
-            raise ValueError(f"write_report: subject {key[0]} method {key[1]!r} given twice")
+            raise InvalidInputError(f"write_report: subject {key[0]} method {key[1]!r} given twice")
         seen.add(key)
 
 

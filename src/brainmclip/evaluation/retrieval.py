@@ -26,6 +26,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from brainmclip.errors import InvalidInputError
+
 __all__ = ["DIRECTIONS", "INTERVAL", "decoded_retrieval", "draw_subsets", "pairwise_identification", "recall_at_k",
            "retrieval_report", "similarity_matrix", "top1_n_way"]
 
@@ -51,7 +53,7 @@ def _as_2d(x):
         return x.reshape(x.shape[0], -1)
     x = np.asarray(x)
     if x.ndim < 1:
-        raise ValueError("embeddings must be an (n, ...) array")
+        raise InvalidInputError("embeddings must be an (n, ...) array")
     return x.reshape(x.shape[0], -1)
 
 
@@ -88,7 +90,7 @@ def similarity_matrix(brain, images, chunk_bytes: int = _CHUNK_BYTES) -> np.ndar
     """
     b, im = _as_2d(brain), _as_2d(images)
     if b.shape[1] != im.shape[1]:
-        raise ValueError(f"brain has {b.shape[1]} features per sample, images {im.shape[1]}")
+        raise InvalidInputError(f"brain has {b.shape[1]} features per sample, images {im.shape[1]}")
     n_b, n_i, n_feat = b.shape[0], im.shape[0], b.shape[1]
     step = max(1, int(chunk_bytes) // (4 * max(1, n_b + n_i)))
     dots = np.zeros((n_b, n_i), dtype=np.float64)
@@ -108,9 +110,10 @@ def similarity_matrix(brain, images, chunk_bytes: int = _CHUNK_BYTES) -> np.ndar
 def _square_similarity(similarity) -> np.ndarray:
     s = similarity.detach().cpu().numpy() if hasattr(similarity, "detach") else np.asarray(similarity)
     if s.ndim != 2 or s.shape[0] != s.shape[1] or s.shape[0] == 0:
-        raise ValueError(f"retrieval needs a non-empty square similarity matrix (true pairs on the diagonal), got {s.shape}")
+        raise InvalidInputError(f"retrieval needs a non-empty square similarity matrix (true pairs on the "
+                                f"diagonal), got {s.shape}")
     if not np.all(np.isfinite(s)):
-        raise ValueError("similarity matrix has non-finite entries")
+        raise InvalidInputError("similarity matrix has non-finite entries")
     return s
 
 
@@ -138,7 +141,8 @@ def draw_subsets(n: int, n_way: int, n_repeats: int, seed: int = 0) -> np.ndarra
     numpy.ndarray, int64, shape (n_repeats, min(n_way, n))
     """
     if n_way < 2 or n_repeats < 1 or n < 1:
-        raise ValueError(f"need n_way >= 2, n_repeats >= 1 and n >= 1; got n_way={n_way}, n_repeats={n_repeats}, n={n}")
+        raise InvalidInputError(f"need n_way >= 2, n_repeats >= 1 and n >= 1; got n_way={n_way}, "
+                                f"n_repeats={n_repeats}, n={n}")
     if n_way >= n:
         return np.tile(np.arange(n, dtype=np.int64), (n_repeats, 1))
     rng = np.random.default_rng(seed)
@@ -230,7 +234,7 @@ def recall_at_k(similarity, ks: Sequence[int] = (1, 5, 10)) -> dict:
     """
     ks = [int(k) for k in ks]
     if not ks or min(ks) < 1:
-        raise ValueError(f"ks must be a non-empty list of positive integers, got {ks}")
+        raise InvalidInputError(f"ks must be a non-empty list of positive integers, got {ks}")
     s = _square_similarity(similarity)
     diag = np.diag(s)
     image_rank = (s > diag[:, None]).sum(axis=1) + 1
@@ -264,7 +268,7 @@ def retrieval_report(brain, images, n_way: int = 300, n_repeats: int = 30, seed:
         ``{"top1_n_way": top1_n_way(...), "recall_at_k": recall_at_k(...), "n_items": n}``.
     """
     if len(brain) != len(images):
-        raise ValueError(f"{len(brain)} brain embeddings but {len(images)} image embeddings; they must pair up")
+        raise InvalidInputError(f"{len(brain)} brain embeddings but {len(images)} image embeddings; they must pair up")
     s = similarity_matrix(brain, images)
     return {"top1_n_way": top1_n_way(s, n_way=n_way, n_repeats=n_repeats, seed=seed),
             "recall_at_k": recall_at_k(s, ks=ks), "n_items": int(s.shape[0])}
@@ -278,7 +282,7 @@ def pairwise_identification(similarity) -> float:
     s = _square_similarity(similarity).astype(np.float64)
     n = len(s)
     if n < 2:
-        raise ValueError("pairwise identification needs at least 2 items")
+        raise InvalidInputError("pairwise identification needs at least 2 items")
     diag = np.diag(s)[:, None]
     wins = (diag > s).sum(1) + 0.5 * ((diag == s).sum(1) - 1)
     return float(wins.mean() / (n - 1))

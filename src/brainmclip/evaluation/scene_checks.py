@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from brainmclip.errors import InvalidInputError
+
 __all__ = ["SceneChecker", "scene_root"]
 
 
@@ -52,7 +54,7 @@ class SceneChecker:
         scenes = self._scenes[root]
         missing = [int(i) for i in ids if int(i) not in scenes]
         if missing:
-            raise ValueError(f"{root}: no scene recorded for NSD ids {missing[:3]}")
+            raise InvalidInputError(f"{root}: no scene recorded for NSD ids {missing[:3]}")
         return [scenes[int(i)] for i in ids]
 
     def check(self, root: Path, ids, recons: np.ndarray, truths: np.ndarray) -> dict:

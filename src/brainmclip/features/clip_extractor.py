@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from brainmclip.errors import InvalidInputError
 from brainmclip.features.clip_models import ClipTowers
 from brainmclip.features.tokenizer import tokenize
 
@@ -48,9 +49,9 @@ class ClipFeatureExtractor:
         n = towers.n_vision_layers
         layers = [*detail_layers, semantic_layer]
         if not detail_layers or min(layers) < 1 or max(layers) > n:
-            raise ValueError(f"layers {sorted(set(layers))} outside 1..{n} (the model has {n} vision blocks)")
+            raise InvalidInputError(f"layers {sorted(set(layers))} outside 1..{n} (the model has {n} vision blocks)")
         if merge not in MERGE_ORDERS:
-            raise ValueError(f"Unknown merge={merge!r}; choose from {list(MERGE_ORDERS)}")
+            raise InvalidInputError(f"Unknown merge={merge!r}; choose from {list(MERGE_ORDERS)}")
         self.towers = towers
         self.detail_layers = tuple(int(k) for k in detail_layers)
         self.semantic_layer = int(semantic_layer)
@@ -83,7 +84,7 @@ class ClipFeatureExtractor:
         """
         images = torch.as_tensor(np.asarray(images))
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"images of dtype {images.dtype} and shape {tuple(images.shape)}; "
+            raise InvalidInputError(f"images of dtype {images.dtype} and shape {tuple(images.shape)}; "
                              "expected uint8 RGB of shape (n, height, width, 3)")
         x = images.permute(0, 3, 1, 2)
         x = TF.resize(x, self.image_size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
@@ -145,7 +146,7 @@ class ClipFeatureExtractor:
         """E_T: :meth:`encode_texts` averaged over each image's captions, float32 (n, context_length, embed_dim)."""
         empty = [i for i, c in enumerate(captions) if not c]
         if empty:
-            raise ValueError(f"{len(empty)} images have no caption (first: row {empty[0]}); E_T needs at least one")
+            raise InvalidInputError(f"{len(empty)} images have no caption (first: row {empty[0]}); E_T needs at least one")
         flat = [text for caps in captions for text in caps]
         owner = torch.repeat_interleave(torch.tensor([len(c) for c in captions]))
         tokens = self.encode_texts(flat)
@@ -171,7 +172,7 @@ def module_outputs(model: torch.nn.Module, names: Sequence[str]):
     modules = dict(model.named_modules())
     unknown = [n for n in names if n not in modules]
     if unknown:
-        raise ValueError(f"Unknown module {unknown[0]!r}; e.g. {[n for n in modules if n][:3]}")
+        raise InvalidInputError(f"Unknown module {unknown[0]!r}; e.g. {[n for n in modules if n][:3]}")
     captured: dict[str, torch.Tensor] = {}
     handles = [modules[n].register_forward_hook(lambda _m, _i, out, n=n: captured.__setitem__(n, out))
                for n in names]

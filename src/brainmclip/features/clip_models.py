@@ -26,6 +26,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
+from brainmclip.errors import InvalidInputError, MissingInputError
 from brainmclip.features.tokenizer import load_clip_tokenizer
 
 __all__ = ["ClipTowers", "load_clip", "random_clip", "list_random_configs", "resolve_model_folder", "DEFAULT_CLIP"]
@@ -69,7 +70,7 @@ def list_random_configs() -> list[str]:
 def random_clip(name: str = "tiny") -> ClipTowers:
     """Seeded random CLIP towers from ``configs/clip_<name>.json`` (offline tokenizer)."""
     if name not in list_random_configs():
-        raise ValueError(f"Unknown random CLIP config={name!r}; choose from {list_random_configs()}")
+        raise InvalidInputError(f"Unknown random CLIP config={name!r}; choose from {list_random_configs()}")
     text = resources.files(__package__).joinpath("configs").joinpath(f"clip_{name}.json").read_text()
     config = json.loads(text)
     torch.manual_seed(config["seed"])
@@ -97,7 +98,7 @@ def _resolve_local(model: str) -> tuple[Path, dict]:
     try:
         snapshot = Path(snapshot_download(model, local_files_only=True))
     except (LocalEntryNotFoundError, ValueError, OSError):
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"CLIP model {model!r} not found: no folder {path.resolve()} and no copy in the Hugging Face cache "
             f"{_hf_cache_dir()} (nothing is downloaded here; copy the weights to a folder and pass its path)"
         ) from None
@@ -121,7 +122,7 @@ def _from_folder(cls, folder: Path):
             hf_logging.enable_progress_bar()
     missing = [k for k in info.get("missing_keys", []) if "position_ids" not in k]
     if missing:
-        raise ValueError(f"{folder}: {cls.__name__} weights incomplete (missing {missing[:3]})")
+        raise InvalidInputError(f"{folder}: {cls.__name__} weights incomplete (missing {missing[:3]})")
     return model.eval()
 
 
@@ -152,9 +153,9 @@ def load_clip(model: str = DEFAULT_CLIP, device: str | torch.device = "cpu") -> 
             folder, identity = _resolve_local(model)
         required = ["config.json"]
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{folder}: no config.json; expected a transformers CLIP model folder")
+            raise MissingInputError(f"{folder}: no config.json; expected a transformers CLIP model folder")
         if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-            raise FileNotFoundError(f"{folder}: no weights (*.safetensors or *.bin) beside {required[0]}")
+            raise MissingInputError(f"{folder}: no weights (*.safetensors or *.bin) beside {required[0]}")
         vision = _from_folder(CLIPVisionModelWithProjection, folder)
         text = _from_folder(CLIPTextModelWithProjection, folder)
         identity["config_sha256"] = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from brainmclip.errors import InvalidInputError
 from brainmclip.features.tokenizer import tokenize
 
 __all__ = ["encode_sd_text", "encode_vae_latents"]
@@ -25,7 +26,7 @@ def encode_sd_text(text_encoder, tokenizer, captions: Sequence[Sequence[str]]) -
     """
     flat = [text for caps in captions for text in caps]
     if any(not caps for caps in captions):
-        raise ValueError("every image needs at least one caption for the SD text embedding")
+        raise InvalidInputError("every image needs at least one caption for the SD text embedding")
     device = next(text_encoder.parameters()).device
     ids, _ = tokenize(tokenizer, flat, int(text_encoder.config.max_position_embeddings))
     hidden = text_encoder(input_ids=ids.to(device)).last_hidden_state.float().cpu()
@@ -45,7 +46,8 @@ def encode_vae_latents(vae, images, size: int = 512, sample: bool = False,
     """
     images = torch.as_tensor(np.asarray(images))
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images of dtype {images.dtype} and shape {tuple(images.shape)}; expected uint8 (n, H, W, 3)")
+        raise InvalidInputError(f"images of dtype {images.dtype} and shape {tuple(images.shape)}; expected "
+                                f"uint8 (n, H, W, 3)")
     x = TF.resize(images.permute(0, 3, 1, 2), [size, size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
     x = x.float() / 127.5 - 1.0
     device = next(vae.parameters()).device

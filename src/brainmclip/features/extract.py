@@ -18,6 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from brainmclip.data.prepared import PreparedSubject, load_prepared
+from brainmclip.errors import InvalidInputError
 from brainmclip.features.clip_extractor import ClipFeatureExtractor
 from brainmclip.features.clip_models import load_clip
 from brainmclip.features.feature_store import FeatureStore
@@ -54,9 +55,9 @@ def collect_images(prepared_paths: Sequence[str | Path]) -> ImageSource:
         datasets.append(prepared)
         for split, samples in prepared.splits.items():
             if samples.images is None:
-                raise ValueError(f"{path}: prepared without images (--no-images); features need the stimuli")
+                raise InvalidInputError(f"{path}: prepared without images (--no-images); features need the stimuli")
             if (samples.stimulus_ids < 0).any():
-                raise ValueError(f"{path}: {split} has rows without an NSD image id; the feature store is keyed by "
+                raise InvalidInputError(f"{path}: {split} has rows without an NSD image id; the feature store is keyed by "
                                  "NSD id (prepare with --nsd-root to recover them)")
             for row, nsd_id in enumerate(samples.stimulus_ids.tolist()):
                 locations.setdefault(nsd_id, (d, split, row))
@@ -92,7 +93,7 @@ def extract_features(prepared_paths: Sequence[str | Path], out: str | Path, mode
 
     start = time.perf_counter()
     if batch_size < 1 or shard_size < 1:
-        raise ValueError(f"batch_size={batch_size}, shard_size={shard_size}; expected positive integers")
+        raise InvalidInputError(f"batch_size={batch_size}, shard_size={shard_size}; expected positive integers")
     source = collect_images(prepared_paths)
     accelerator = Accelerator(cpu=cpu)
     towers = load_clip(model, device=accelerator.device)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from brainmclip.atomic import TEMP_MARKER, read_manifest, stage_arrays, write_json_atomic
+from brainmclip.errors import InvalidInputError, OutputInTheWayError
 
 __all__ = ["FeatureStore", "STORE_FORMAT", "TARGETS", "open_feature_store"]
 
@@ -51,11 +52,11 @@ class FeatureStore:
             if manifest.get("settings") != settings:
                 diff = sorted(k for k in set(settings) | set(manifest.get("settings", {}))
                               if settings.get(k) != manifest.get("settings", {}).get(k))
-                raise ValueError(f"{root} holds features made with other settings (differing: {', '.join(diff)}); "
+                raise InvalidInputError(f"{root} holds features made with other settings (differing: {', '.join(diff)}); "
                                  "use another --out (features from different settings are never mixed)")
             return cls(root, manifest)
         if root.exists() and any(root.iterdir()):
-            raise FileExistsError(f"{root} is not empty and is not a feature store; choose another --out")
+            raise OutputInTheWayError(f"{root} is not empty and is not a feature store; choose another --out")
         from brainmclip import __version__
 
         manifest = {"format": STORE_FORMAT, "settings": settings, "code_version": __version__, "n_images": 0}
@@ -98,12 +99,12 @@ class FeatureStore:
         """Store one shard: ``arrays[target]`` has one row per id (stored as float16)."""
         ids = np.asarray(ids, np.int64)
         if set(arrays) != set(TARGETS):
-            raise ValueError(f"shard targets {sorted(arrays)}; expected {list(TARGETS)}")
+            raise InvalidInputError(f"shard targets {sorted(arrays)}; expected {list(TARGETS)}")
         for name, array in arrays.items():
             if len(array) != len(ids):
-                raise ValueError(f"{name}: {len(array)} rows for {len(ids)} ids")
+                raise InvalidInputError(f"{name}: {len(array)} rows for {len(ids)} ids")
             if not np.isfinite(array).all():
-                raise ValueError(f"{name}: non-finite features for ids starting {ids[0]}; refusing to store them")
+                raise InvalidInputError(f"{name}: non-finite features for ids starting {ids[0]}; refusing to store them")
         final = self.root / "shards" / f"shard_{ids.min():06d}"
         os.replace(stage_arrays(final, ids, arrays, "ids"), final)
         self._index = None
@@ -136,12 +137,13 @@ class FeatureStore:
         ids = np.asarray(ids, np.int64).ravel()
         missing = [int(i) for i in ids if int(i) not in index]
         if missing:
-            raise ValueError(f"{len(missing)} images not in the feature store {self.root} (first NSD id {missing[0]}); "
+            raise InvalidInputError(f"{len(missing)} images not in the feature store {self.root} (first NSD "
+                                    f"id {missing[0]}); "
                            "run brainmclip extract on the prepared dataset first")
         out = {}
         for target in targets:
             if target not in TARGETS:
-                raise ValueError(f"Unknown target={target!r}; choose from {list(TARGETS)}")
+                raise InvalidInputError(f"Unknown target={target!r}; choose from {list(TARGETS)}")
             first = self._array(index[int(ids[0])][0], target) if len(ids) else None
             shape = first.shape[1:] if first is not None else (0,)
             result = np.empty((len(ids), *shape), dtype)

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPTokenizer
 
+from brainmclip.errors import InvalidInputError, MissingInputError
+
 __all__ = ["load_clip_tokenizer", "tokenize", "build_clip_vocab", "BPE_FILE_NAME", "VOCAB_SIZE",
            "SOT_TOKEN", "EOT_TOKEN", "CONTEXT_LENGTH"]
 
@@ -76,7 +78,7 @@ def _bpe_file() -> Path:
             if candidate.is_file():
                 return candidate
         looked = ", ".join(str(c) for c in candidates)
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"CLIP BPE merges file {BPE_FILE_NAME} not found; looked in: {looked} "
         "(install open_clip_torch, or pass a model folder with vocab.json and merges.txt)"
     )
@@ -91,14 +93,14 @@ def build_clip_vocab(bpe_path: str | os.PathLike) -> tuple[dict[str, int], list[
     lines = gzip.decompress(Path(bpe_path).read_bytes()).decode("utf-8").split("\n")
     pairs = [tuple(line.split(" ")) for line in lines[1 : 1 + _N_MERGES]]  # line 0 is a "#version" header
     if len(pairs) != _N_MERGES or any(len(p) != 2 for p in pairs):
-        raise ValueError(f"{bpe_path}: expected at least {_N_MERGES} merge lines of the form 'a b' after the header")
+        raise InvalidInputError(f"{bpe_path}: expected at least {_N_MERGES} merge lines of the form 'a b' after the header")
     merges: list[tuple[str, str]] = pairs  # type: ignore[assignment]
     bytes_chars = _byte_to_unicode()
     tokens = bytes_chars + [c + "</w>" for c in bytes_chars] + [left + right for left, right in merges]
     tokens += [SOT_TOKEN, EOT_TOKEN]
     vocab = {token: i for i, token in enumerate(tokens)}
     if len(vocab) != VOCAB_SIZE:
-        raise ValueError(f"{bpe_path}: built {len(vocab)} distinct tokens, expected {VOCAB_SIZE}")
+        raise InvalidInputError(f"{bpe_path}: built {len(vocab)} distinct tokens, expected {VOCAB_SIZE}")
     return vocab, merges
 
 
@@ -120,7 +122,7 @@ def load_clip_tokenizer(path: str | os.PathLike | None = None, model_max_length:
     folder = Path(path).expanduser()
     has_pair = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
     if not (has_pair or (folder / "tokenizer.json").is_file()):
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{folder}: no CLIP tokenizer files; expected vocab.json and merges.txt, or tokenizer.json"
         )
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, model_max_length=model_max_length)
@@ -161,7 +163,7 @@ def tokenize(tokenizer: CLIPTokenizer, texts: list[str], context_length: int = C
         raise TypeError("texts must be a list of strings, not a single string")
     texts = list(texts)
     if context_length < 2:
-        raise ValueError(f"context_length={context_length} leaves no room for the start and end tokens")
+        raise InvalidInputError(f"context_length={context_length} leaves no room for the start and end tokens")
     if not texts:
         return torch.empty(0, context_length, dtype=torch.long), torch.empty(0, dtype=torch.long)
     encoded = tokenizer([_clean(t) for t in texts], padding="max_length", truncation=True,

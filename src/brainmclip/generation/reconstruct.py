@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from brainmclip import __version__
 from brainmclip.atomic import atomic_path, read_manifest, remove_stale_temporaries, write_json_atomic
+from brainmclip.errors import InvalidInputError, MissingInputError, OutputInTheWayError
 from brainmclip.models.predictions import load_predictions
 from brainmclip.paths import record_path, resolve_path
 from brainmclip.types import GeneratedImages
@@ -63,11 +64,11 @@ class ReconstructOptions:
 
     def __post_init__(self):
         if self.uncond not in ("clip", "zeros"):
-            raise ValueError(f"Unknown uncond={self.uncond!r}; choose 'clip' (empty text + grey image) or 'zeros'")
+            raise InvalidInputError(f"Unknown uncond={self.uncond!r}; choose 'clip' (empty text + grey image) or 'zeros'")
         if self.samples < 1 or self.steps < 1 or self.batch_size < 1:
-            raise ValueError("samples, steps and batch_size must be positive")
+            raise InvalidInputError("samples, steps and batch_size must be positive")
         if not 0 <= self.text_weight <= 1:
-            raise ValueError(f"text_weight={self.text_weight}; expected a share in [0, 1]")
+            raise InvalidInputError(f"text_weight={self.text_weight}; expected a share in [0, 1]")
 
 
 def image_seed(seed: int, nsd_id: int, sample: int) -> int:
@@ -90,13 +91,13 @@ def _load_generator(name: str, device, dtype):
 def _check_predictions(pred, embed_dim: int, path: Path, image_tokens: int | None, text_tokens: int | None) -> None:
     """Predictions must have the generator's width and, when the CLIP is known, that CLIP's token counts."""
     if pred.image is None and pred.text is None:
-        raise ValueError(f"{path}: predictions hold neither an image nor a text embedding")
+        raise InvalidInputError(f"{path}: predictions hold neither an image nor a text embedding")
     for name, value, tokens in (("image", pred.image, image_tokens), ("text", pred.text, text_tokens)):
         if value is None:
             continue
         want = (tokens if tokens is not None else value.shape[1], embed_dim)
         if value.ndim != 3 or value.shape[1:] != want:
-            raise ValueError(f"{path}/{name}.npy: shape {tuple(value.shape)}; the generator and CLIP expect "
+            raise InvalidInputError(f"{path}/{name}.npy: shape {tuple(value.shape)}; the generator and CLIP expect "
                              f"(n, {want[0]}, {want[1]})")
 
 
@@ -111,7 +112,7 @@ def reconstruct(pred_dir, out, options: ReconstructOptions | None = None, force:
     pred_dir, out = Path(pred_dir), Path(out)
     pred = load_predictions(pred_dir)
     if pred.image is None and options.samples > 1:
-        raise ValueError(f"{pred_dir}: best-of-N (samples={options.samples}) compares candidates with the predicted "
+        raise InvalidInputError(f"{pred_dir}: best-of-N (samples={options.samples}) compares candidates with the predicted "
                          "image embedding, and these text-only predictions have none; use samples=1")
     settings = {"options": asdict(options), "predictions": record_path(pred_dir, out),
                 "predictions_manifest": pred.manifest.get("run"), "method": pred.method, "subject": pred.subject}
@@ -119,10 +120,10 @@ def reconstruct(pred_dir, out, options: ReconstructOptions | None = None, force:
     if manifest_file.exists():
         previous = json.loads(manifest_file.read_text())
         if not _same_settings(previous.get("settings"), settings, out) and not force:
-            raise FileExistsError(f"{out} holds reconstructions made with other settings; pass --force or choose "
+            raise OutputInTheWayError(f"{out} holds reconstructions made with other settings; pass --force or choose "
                                   "another --out")
     elif out.exists() and any(p.suffix == ".png" for p in out.iterdir()) and not force:
-        raise FileExistsError(f"{out} holds PNGs without a manifest; choose another --out or pass --force")
+        raise OutputInTheWayError(f"{out} holds PNGs without a manifest; choose another --out or pass --force")
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
 
@@ -140,7 +141,7 @@ def reconstruct(pred_dir, out, options: ReconstructOptions | None = None, force:
                                          semantic_layer=layers.get("semantic_layer", last),
                                          merge=layers.get("merge", "project-then-average"))
         if towers.embed_dim != generator.embed_dim:
-            raise ValueError(f"CLIP {options.clip!r} embeds in {towers.embed_dim} dims but the generator "
+            raise InvalidInputError(f"CLIP {options.clip!r} embeds in {towers.embed_dim} dims but the generator "
                              f"expects {generator.embed_dim}")
     _check_predictions(pred, generator.embed_dim, pred_dir, extractor and extractor.towers.n_image_tokens,
                        extractor and extractor.towers.context_length)
@@ -202,11 +203,11 @@ def _init_images(options: ReconstructOptions, ids) -> np.ndarray:
     for nsd_id in ids:
         path = folder / _png_name(nsd_id)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing init image (expected one PNG per NSD id, named like the outputs)")
+            raise MissingInputError(f"{path}: missing init image (expected one PNG per NSD id, named like the outputs)")
         with Image.open(path) as img:
             images.append(np.asarray(img.convert("RGB")))
     if len({im.shape for im in images}) > 1:
-        raise ValueError(f"{folder}: init images of different sizes")
+        raise InvalidInputError(f"{folder}: init images of different sizes")
     return np.stack(images)
 
 
@@ -244,12 +245,12 @@ def _target_layers(pred, pred_dir: Path) -> dict:
     features = resolve_path(run["features"], run_dir) if run.get("features") else None
     manifest = features / "manifest.json" if features else None
     if manifest is None or not manifest.is_file():
-        raise FileNotFoundError(f"best-of-N embeds candidates like the decoder's targets, but the feature store "
+        raise MissingInputError(f"best-of-N embeds candidates like the decoder's targets, but the feature store "
                                 f"behind the run {pred.manifest.get('run')!r} is not available ({features})")
     extractor = json.loads(manifest.read_text()).get("settings", {}).get("extractor", {})
     missing = {"detail_layers", "semantic_layer", "merge"} - set(extractor)
     if missing:
-        raise ValueError(f"{manifest}: no extractor settings {sorted(missing)}; not a feature store manifest")
+        raise InvalidInputError(f"{manifest}: no extractor settings {sorted(missing)}; not a feature store manifest")
     return {k: extractor[k] for k in ("detail_layers", "semantic_layer", "merge")}
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from brainmclip.errors import MissingInputError
+
 __all__ = ["SD_COMPONENTS", "DEFAULT_SD", "load_stable_diffusion"]
 
 DEFAULT_SD = "CompVis/stable-diffusion-v1-4"
@@ -27,13 +29,13 @@ def _resolve(path_or_id: str | os.PathLike) -> Path:
         return path
     text = str(path_or_id)
     if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise FileNotFoundError(f"{path_or_id}: not a folder of Stable Diffusion components")
+        raise MissingInputError(f"{path_or_id}: not a folder of Stable Diffusion components")
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(text, local_files_only=True))
     except Exception as err:  # never download: a missing cache entry is the user's to fill
-        raise FileNotFoundError(f"{path_or_id}: no local folder and not in the Hugging Face cache "
+        raise MissingInputError(f"{path_or_id}: no local folder and not in the Hugging Face cache "
                                 f"({type(err).__name__}); download it first or pass a local path") from None
 
 
@@ -45,7 +47,7 @@ def load_stable_diffusion(path_or_id: str | os.PathLike = DEFAULT_SD, device="cp
     root = _resolve(path_or_id)
     missing = [c for c in SD_COMPONENTS if not (root / c).is_dir()]
     if missing or not (root / "model_index.json").is_file():
-        raise FileNotFoundError(f"{root}: not a Stable Diffusion folder (missing "
+        raise MissingInputError(f"{root}: not a Stable Diffusion folder (missing "
                                 f"{', '.join(missing) or 'model_index.json'}; need {', '.join(SD_COMPONENTS)})")
     pipe = StableDiffusionPipeline.from_pretrained(root, local_files_only=True, torch_dtype=dtype,
                                                    safety_checker=None, feature_extractor=None,

@@ -34,6 +34,8 @@ from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet impor
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from brainmclip.errors import InvalidInputError, MissingInputError
+
 __all__ = [
     "VD_COMPONENTS",
     "MaskTolerantDualTransformer",
@@ -69,7 +71,7 @@ class MaskTolerantDualTransformer(DualTransformer2DModel):
     def forward(self, hidden_states, encoder_hidden_states, timestep=None, attention_mask=None,
                 cross_attention_kwargs=None, return_dict: bool = True, encoder_attention_mask=None, **unused):
         if encoder_attention_mask is not None:
-            raise ValueError("dual-guided attention does not support encoder_attention_mask; pass None")
+            raise InvalidInputError("dual-guided attention does not support encoder_attention_mask; pass None")
         ratio = self.mix_ratio
         if not isinstance(ratio, torch.Tensor) and ratio in (0.0, 1.0):
             # One condition has weight 0: its block's residual would be multiplied by 0, so it is not computed
@@ -93,9 +95,9 @@ def _convert_to_dual_attention(image_unet: UNet2DConditionModel, text_unet: UNet
         try:
             text_block = text_unet.get_submodule(name)
         except AttributeError as err:
-            raise ValueError(f"text_unet has no transformer block at {name!r}; it does not match image_unet") from err
+            raise InvalidInputError(f"text_unet has no transformer block at {name!r}; it does not match image_unet") from err
         if not isinstance(text_block, Transformer2DModel):
-            raise ValueError(f"text_unet.{name} is {type(text_block).__name__}, not Transformer2DModel")
+            raise InvalidInputError(f"text_unet.{name} is {type(text_block).__name__}, not Transformer2DModel")
         parent = image_unet.get_submodule(parent_name)
         parent[int(index)] = MaskTolerantDualTransformer(parent[int(index)], text_block)
     image_unet.register_to_config(dual_cross_attention=True)
@@ -112,7 +114,7 @@ def _as_tensor(value, name: str) -> torch.Tensor:
     try:
         return torch.from_numpy(np.ascontiguousarray(value))
     except TypeError as err:
-        raise ValueError(f"{name}: expected a numpy array or torch tensor, got {type(value).__name__}") from err
+        raise InvalidInputError(f"{name}: expected a numpy array or torch tensor, got {type(value).__name__}") from err
 
 
 class VersatileDiffusionGenerator:
@@ -127,9 +129,9 @@ class VersatileDiffusionGenerator:
                  vae: AutoencoderKL, scheduler: SchedulerMixin | None = None):
         if not _dual_blocks(image_unet):
             if text_unet is None:
-                raise ValueError("image_unet has no dual attention blocks and no text_unet was given to build them")
+                raise InvalidInputError("image_unet has no dual attention blocks and no text_unet was given to build them")
             if _convert_to_dual_attention(image_unet, text_unet) == 0:
-                raise ValueError("image_unet has no Transformer2DModel blocks to convert to dual attention")
+                raise InvalidInputError("image_unet has no Transformer2DModel blocks to convert to dual attention")
         self.image_unet = image_unet.eval()
         self.text_unet = None  # its transformer blocks now live inside image_unet
         self.vae = vae.eval()
@@ -166,25 +168,26 @@ class VersatileDiffusionGenerator:
         if image_embeds is not None:
             image = _as_tensor(image_embeds, "image_embeds")
             if image.ndim != 3 or image.shape[-1] != d or image.shape[1] < 1:
-                raise ValueError(f"image_embeds: shape {tuple(image.shape)}; expected (n, image tokens, {d})")
+                raise InvalidInputError(f"image_embeds: shape {tuple(image.shape)}; expected (n, image tokens, {d})")
         elif text_embeds is None:
-            raise ValueError("image_embeds and text_embeds are both None; VD needs at least one condition")
+            raise InvalidInputError("image_embeds and text_embeds are both None; VD needs at least one condition")
         elif text_weight != 1:
-            raise ValueError(f"image_embeds is None but text_weight={text_weight}; a text-only condition needs "
+            raise InvalidInputError(f"image_embeds is None but text_weight={text_weight}; a text-only condition needs "
                              "text_weight=1")
         if text_embeds is not None:
             text = _as_tensor(text_embeds, "text_embeds")
             n_want = image.shape[0] if image is not None else text.shape[0]
             if text.ndim != 3 or text.shape[0] != n_want or text.shape[-1] != d or text.shape[1] < 1:
-                raise ValueError(f"text_embeds: shape {tuple(text.shape)}; expected ({n_want}, text tokens, {d})")
+                raise InvalidInputError(f"text_embeds: shape {tuple(text.shape)}; expected ({n_want}, text tokens, {d})")
         elif text_weight != 0:
-            raise ValueError(f"text_embeds is None but text_weight={text_weight}; pass text embeddings or text_weight=0")
+            raise InvalidInputError(f"text_embeds is None but text_weight={text_weight}; pass text embeddings "
+                                    f"or text_weight=0")
         n = image.shape[0] if image is not None else text.shape[0]
         image_tokens = image.shape[1] if image is not None else None
         if not 0.0 <= text_weight <= 1.0:
-            raise ValueError(f"text_weight={text_weight}; expected a share in [0, 1]")
+            raise InvalidInputError(f"text_weight={text_weight}; expected a share in [0, 1]")
         if init_images is not None and not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength={strength}; expected 0 < strength <= 1")
+            raise InvalidInputError(f"strength={strength}; expected 0 < strength <= 1")
         for name, value, tokens in (("uncond_image", uncond_image, image_tokens),
                                     ("uncond_text", uncond_text, None if text is None else text.shape[1])):
             if value is None:
@@ -193,14 +196,14 @@ class VersatileDiffusionGenerator:
             core = shape[1:] if len(shape) == 3 and shape[0] == 1 else shape
             if len(core) != 2 or core[1] != d or (tokens is not None and core[0] != tokens):
                 want = f"({tokens if tokens is not None else 'tokens'}, {d})"
-                raise ValueError(f"{name}: shape {shape}; expected {want} like the embeddings it stands in for")
+                raise InvalidInputError(f"{name}: shape {shape}; expected {want} like the embeddings it stands in for")
         for name, size in (("height", height), ("width", width)):
             if size <= 0 or size % self.vae_scale_factor:
-                raise ValueError(f"{name}={size}; expected a positive multiple of {self.vae_scale_factor}")
+                raise InvalidInputError(f"{name}={size}; expected a positive multiple of {self.vae_scale_factor}")
         if isinstance(generator, list) and len(generator) != n:
-            raise ValueError(f"generator: {len(generator)} generators for {n} images; pass one per image")
+            raise InvalidInputError(f"generator: {len(generator)} generators for {n} images; pass one per image")
         if init_images is not None and len(init_images) != n:
-            raise ValueError(f"init_images: {len(init_images)} images for {n} embeddings; pass one per image")
+            raise InvalidInputError(f"init_images: {len(init_images)} images for {n} embeddings; pass one per image")
         return image, text
 
     def set_mix(self, text_weight, text_tokens: int, image_tokens: int) -> None:
@@ -254,7 +257,7 @@ class VersatileDiffusionGenerator:
         order = getattr(self.scheduler, "order", 1)
         start = max(num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps), 0) * order
         if start >= len(timesteps):
-            raise ValueError(f"strength={strength} with {num_inference_steps} steps leaves no denoising step")
+            raise InvalidInputError(f"strength={strength} with {num_inference_steps} steps leaves no denoising step")
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(start)
         return timesteps[start:]
@@ -281,7 +284,7 @@ class VersatileDiffusionGenerator:
         for i, image in enumerate(images):
             array = np.asarray(image)
             if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
-                raise ValueError(f"init_images[{i}]: {array.dtype} {array.shape}; expected uint8 (h, w, 3)")
+                raise InvalidInputError(f"init_images[{i}]: {array.dtype} {array.shape}; expected uint8 (h, w, 3)")
             x = torch.from_numpy(array.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1.0
             if x.shape[-2:] != (height, width):
                 x = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
@@ -310,7 +313,7 @@ class VersatileDiffusionGenerator:
         from these, noised to the timestep given by ``strength`` (img2img). ``output_type``: "np" or "latent".
         """
         if output_type not in ("np", "latent"):
-            raise ValueError(f"output_type={output_type!r}; expected 'np' or 'latent'")
+            raise InvalidInputError(f"output_type={output_type!r}; expected 'np' or 'latent'")
         height = height or self.image_unet.config.sample_size * self.vae_scale_factor
         width = width or self.image_unet.config.sample_size * self.vae_scale_factor
 
@@ -351,9 +354,9 @@ def best_of_n(candidates, score: Callable[[object], Sequence[float] | np.ndarray
     """Index of the highest-scoring of N candidates; ``score(candidates)`` returns N scores (ties: first)."""
     scores = np.asarray(score(candidates), dtype=np.float64).reshape(-1)
     if len(scores) != len(candidates) or len(scores) == 0:
-        raise ValueError(f"score returned {len(scores)} scores for {len(candidates)} candidates")
+        raise InvalidInputError(f"score returned {len(scores)} scores for {len(candidates)} candidates")
     if not np.isfinite(scores).all():
-        raise ValueError("score returned NaN or inf")
+        raise InvalidInputError("score returned NaN or inf")
     return int(np.argmax(scores))
 
 
@@ -385,26 +388,26 @@ def _resolve_root(path_or_id: str | os.PathLike, cache_dir: str | os.PathLike | 
         return path
     text = str(path_or_id)
     if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:  # a local path, not a hub id
-        raise FileNotFoundError(f"{path_or_id}: not a folder of Versatile Diffusion components")
+        raise MissingInputError(f"{path_or_id}: not a folder of Versatile Diffusion components")
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(str(path_or_id), local_files_only=True, cache_dir=cache_dir,
                                       allow_patterns=[f"{c}/*" for c in VD_COMPONENTS]))
     except Exception as err:  # LocalEntryNotFoundError, HFValidationError, offline errors: never download
-        raise FileNotFoundError(f"{path_or_id}: no local folder and not in the Hugging Face cache "
+        raise MissingInputError(f"{path_or_id}: no local folder and not in the Hugging Face cache "
                                 f"({type(err).__name__}); download it first or pass a local path") from None
 
 
 def _check_component(root: Path, name: str, model: bool) -> None:
     folder = root / name
     if not folder.is_dir():
-        raise FileNotFoundError(f"{root}: component folder {name}/ is missing (need {', '.join(VD_COMPONENTS)})")
+        raise MissingInputError(f"{root}: component folder {name}/ is missing (need {', '.join(VD_COMPONENTS)})")
     config = "config.json" if model else "scheduler_config.json"
     if not (folder / config).is_file():
-        raise FileNotFoundError(f"{folder}: {config} is missing")
+        raise MissingInputError(f"{folder}: {config} is missing")
     if model and not any(p.name.endswith(_WEIGHT_SUFFIXES) for p in folder.iterdir()):
-        raise FileNotFoundError(f"{folder}: no weights (*.safetensors or *.bin) found")
+        raise MissingInputError(f"{folder}: no weights (*.safetensors or *.bin) found")
 
 
 def load_versatile_diffusion(path_or_id: str | os.PathLike = "shi-labs/versatile-diffusion", device="cpu",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from brainmclip.errors import InvalidInputError
 from brainmclip.losses.precision import full_precision
 
 __all__ = ["center_gram", "hsic", "linear_cka", "token_cka", "cka_loss"]
@@ -64,10 +65,11 @@ def hsic(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
         HSIC per leading batch index (a 0-d tensor for plain ``(n, n)`` inputs).
     """
     if K.shape != L.shape or K.ndim < 2 or K.shape[-1] != K.shape[-2]:
-        raise ValueError(f"hsic needs two square Gram matrices of one shape, got {tuple(K.shape)} and {tuple(L.shape)}")
+        raise InvalidInputError(f"hsic needs two square Gram matrices of one shape, got {tuple(K.shape)} and "
+                                f"{tuple(L.shape)}")
     n = K.shape[-1]
     if n < 2:
-        raise ValueError(f"hsic needs at least 2 samples, got n={n}")
+        raise InvalidInputError(f"hsic needs at least 2 samples, got n={n}")
     Kc, Lc = center_gram(K), center_gram(L)
     # Transpose L so the element-wise sum is the trace of the product even for non-symmetric kernels.
     return (Kc * Lc.transpose(-1, -2)).sum(dim=(-2, -1)) / (n - 1) ** 2
@@ -122,7 +124,8 @@ def token_cka(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         CKA of each sample's ``(m, d)`` token matrices.
     """
     if A.ndim != 3 or B.ndim != 3 or A.shape[:2] != B.shape[:2]:
-        raise ValueError(f"token-level CKA needs (n, m, d) inputs with equal n, m; got {tuple(A.shape)}, {tuple(B.shape)}")
+        raise InvalidInputError(f"token-level CKA needs (n, m, d) inputs with equal n, m; got "
+                                f"{tuple(A.shape)}, {tuple(B.shape)}")
     return _cka_from_features(A, B)
 
 
@@ -149,6 +152,6 @@ def cka_loss(A: torch.Tensor, B: torch.Tensor, token_level: bool = False) -> tor
 
 def _check_batches(A: torch.Tensor, B: torch.Tensor) -> None:
     if A.ndim < 2 or B.ndim < 2 or A.shape[0] != B.shape[0]:
-        raise ValueError(f"CKA needs two batches of the same samples, got {tuple(A.shape)} and {tuple(B.shape)}")
+        raise InvalidInputError(f"CKA needs two batches of the same samples, got {tuple(A.shape)} and {tuple(B.shape)}")
     if A.shape[0] < 2:
-        raise ValueError(f"batch-level CKA needs at least 2 samples, got n={A.shape[0]}")
+        raise InvalidInputError(f"batch-level CKA needs at least 2 samples, got n={A.shape[0]}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from brainmclip.errors import InvalidInputError
 from brainmclip.losses.precision import full_precision
 
 __all__ = ["info_nce", "soft_clip"]
@@ -21,9 +22,10 @@ def _flat_unit(x: torch.Tensor) -> torch.Tensor:
 
 def _check_pair(pred: torch.Tensor, target: torch.Tensor, temperature: float) -> None:
     if pred.shape != target.shape or pred.ndim < 2:
-        raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} must be equal (n, ...) batches")
+        raise InvalidInputError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} must be "
+                                f"equal (n, ...) batches")
     if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+        raise InvalidInputError(f"temperature must be positive, got {temperature}")
 
 
 @full_precision

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from brainmclip.errors import InvalidInputError
 from brainmclip.losses.cka import cka_loss
 from brainmclip.losses.contrastive import info_nce, soft_clip
 from brainmclip.losses.reconstruction import mse
@@ -50,9 +51,9 @@ class LossWeights:
             if f.name in LOSS_TERMS:
                 w = getattr(self, f.name)
                 if not (math.isfinite(w) and w >= 0):
-                    raise ValueError(f"loss weight {f.name}={w!r} must be finite and >= 0")
+                    raise InvalidInputError(f"loss weight {f.name}={w!r} must be finite and >= 0")
         if not self.temperature > 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature!r}")
+            raise InvalidInputError(f"temperature must be positive, got {self.temperature!r}")
 
     def active(self) -> tuple[str, ...]:
         """Names of the terms with a positive weight, in :data:`LOSS_TERMS` order."""
@@ -66,11 +67,11 @@ def multi_granularity_terms(target: torch.Tensor, pred: torch.Tensor,
     ``terms["cka"]`` is the loss ``1 - CKA``. Shapes as in :func:`multi_granularity_loss`.
     """
     if target.shape != pred.shape:
-        raise ValueError(f"target {tuple(target.shape)} and prediction {tuple(pred.shape)} differ in shape")
+        raise InvalidInputError(f"target {tuple(target.shape)} and prediction {tuple(pred.shape)} differ in shape")
     weights = LossWeights() if weights is None else weights
     active = weights.active()
     if not active:
-        raise ValueError("every loss weight is 0; nothing to optimise")
+        raise InvalidInputError("every loss weight is 0; nothing to optimise")
     terms = {
         "mse": lambda: mse(pred, target),
         "cka": lambda: cka_loss(target, pred, token_level=weights.token_level_cka),

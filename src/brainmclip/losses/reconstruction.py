@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from brainmclip.errors import InvalidInputError
 from brainmclip.losses.precision import full_precision
 
 __all__ = ["mse", "cosine_loss", "gaussian_kl"]
@@ -23,7 +24,7 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     torch.Tensor, shape ()
     """
     if a.shape != b.shape:
-        raise ValueError(f"mse needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise InvalidInputError(f"mse needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
     return F.mse_loss(a, b)
 
 
@@ -41,7 +42,7 @@ def cosine_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         In ``[0, 2]``; 0 when every pair points the same way.
     """
     if a.shape != b.shape or a.ndim < 1:
-        raise ValueError(f"cosine_loss needs equal (n, ...) shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise InvalidInputError(f"cosine_loss needs equal (n, ...) shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
     cos = F.cosine_similarity(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), dim=-1)
     return 1.0 - cos.mean()
 
@@ -61,6 +62,6 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     torch.Tensor, shape ()
     """
     if mu.shape != logvar.shape or mu.ndim < 1:
-        raise ValueError(f"gaussian_kl needs equal (n, ...) shapes, got {tuple(mu.shape)} and {tuple(logvar.shape)}")
+        raise InvalidInputError(f"gaussian_kl needs equal (n, ...) shapes, got {tuple(mu.shape)} and {tuple(logvar.shape)}")
     per_element = 1.0 + logvar - mu.pow(2) - logvar.exp()
     return (-0.5 * per_element.reshape(mu.shape[0], -1).sum(dim=-1)).mean()

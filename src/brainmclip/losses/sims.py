@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from brainmclip.errors import InvalidInputError
 from brainmclip.losses.precision import full_precision
 
 __all__ = ["token_similarity", "sims_loss"]
@@ -31,7 +32,7 @@ def token_similarity(A: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
         ``s[i, j - 1] = cos(A[i, 0], A[i, j])`` for ``j = 1 .. m - 1``.
     """
     if A.ndim != 3 or A.shape[1] < 2:
-        raise ValueError(f"token_similarity needs (n, m, d) with m >= 2 tokens, got {tuple(A.shape)}")
+        raise InvalidInputError(f"token_similarity needs (n, m, d) with m >= 2 tokens, got {tuple(A.shape)}")
     return F.cosine_similarity(A[:, :1, :], A[:, 1:, :], dim=-1, eps=eps)
 
 
@@ -50,5 +51,5 @@ def sims_loss(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         ``mean((token_similarity(A) - token_similarity(B)) ** 2)`` over all ``n * (m - 1)`` entries.
     """
     if A.shape[:2] != B.shape[:2]:
-        raise ValueError(f"sims_loss needs matching (n, m), got {tuple(A.shape)} and {tuple(B.shape)}")
+        raise InvalidInputError(f"sims_loss needs matching (n, m), got {tuple(A.shape)} and {tuple(B.shape)}")
     return F.mse_loss(token_similarity(A), token_similarity(B))

@@ -16,6 +16,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from brainmclip.errors import InvalidInputError, MissingInputError
+
 __all__ = ["MINIATURE_MODELS", "MINIATURE_NAME", "is_miniature", "model_folder"]
 
 #: Model kinds shipped in ``weights/<kind>``.
@@ -31,9 +33,9 @@ def is_miniature(name) -> bool:
 def model_folder(kind: str) -> Path:
     """The folder of the shipped miniature model ``kind`` ('clip', 'vd' or 'sd')."""
     if kind not in MINIATURE_MODELS:
-        raise ValueError(f"Unknown miniature model={kind!r}; choose from {list(MINIATURE_MODELS)}")
+        raise InvalidInputError(f"Unknown miniature model={kind!r}; choose from {list(MINIATURE_MODELS)}")
     folder = Path(str(resources.files(__package__).joinpath("weights").joinpath(kind)))
     if not (folder / "model_card.json").is_file():
-        raise FileNotFoundError(f"miniature {kind} weights missing at {folder} (a broken install; reinstall brainmclip, "
+        raise MissingInputError(f"miniature {kind} weights missing at {folder} (a broken install; reinstall brainmclip, "
                                 f"or train them with `brainmclip miniature train {kind}`)")
     return folder

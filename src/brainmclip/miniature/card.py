@@ -15,6 +15,7 @@ import torch
 
 from brainmclip import __version__
 from brainmclip.atomic import write_bytes_atomic, write_json_atomic
+from brainmclip.errors import MissingInputError
 
 __all__ = ["code_version", "file_checksums", "write_model_card", "read_model_card"]
 
@@ -77,5 +78,5 @@ def write_model_card(folder: Path, name: str, description: str, command: str, se
 def read_model_card(folder: Path) -> dict:
     path = Path(folder) / "model_card.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; not a miniature model folder")
+        raise MissingInputError(f"{path}: missing; not a miniature model folder")
     return json.loads(path.read_text())

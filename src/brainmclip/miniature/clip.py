@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel
 
 from brainmclip.config import check_keys, load_config
+from brainmclip.errors import InvalidInputError
 from brainmclip.features.clip_extractor import CLIP_MEAN, CLIP_STD
 from brainmclip.features.tokenizer import (
     EOT_TOKEN,
@@ -60,7 +61,7 @@ def load_miniature_config(name: str, overrides: list[str] | None = None) -> dict
     if not (path.suffix == ".json" and path.is_file()):
         path = Path(str(resources.files(__package__).joinpath("configs").joinpath(f"{name}.json")))
         if not path.is_file():
-            raise ValueError(f"Unknown miniature config={name!r}: no such file")
+            raise InvalidInputError(f"Unknown miniature config={name!r}: no such file")
     return load_config([str(path)], overrides)
 
 
@@ -140,7 +141,7 @@ def grow_vision_tower(model: CLIPModel, layers: int) -> CLIPModel:
     """
     old = model.config.vision_config.num_hidden_layers
     if layers % old:
-        raise ValueError(f"cannot grow {old} vision blocks to {layers}: not a multiple")
+        raise InvalidInputError(f"cannot grow {old} vision blocks to {layers}: not a multiple")
     config = copy.deepcopy(model.config)
     config.vision_config.num_hidden_layers = layers
     grown = CLIPModel(config)
@@ -256,7 +257,7 @@ def train_mini_clip(out, config: str = "clip", overrides: list[str] | None = Non
         t = cfg.train
         final_layers = int(cfg.vision["num_hidden_layers"])
         if t.stages[-1].vision_layers != final_layers:
-            raise ValueError(f"the last training stage must have the model's {final_layers} vision blocks")
+            raise InvalidInputError(f"the last training stage must have the model's {final_layers} vision blocks")
         model = build_mini_clip(cfg, vocab, t.stages[0].vision_layers)
         heads = AuxiliaryHeads(int(cfg.vision["hidden_size"]))
         torch.manual_seed(cfg.seed + 1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from brainmclip.errors import InvalidInputError
 from brainmclip.features.clip_extractor import ClipFeatureExtractor
 from brainmclip.features.clip_models import ClipTowers, load_clip
 from brainmclip.miniature.world import SceneBank, build_bank, zero_shot_prompts
@@ -69,7 +70,7 @@ def scene_category_agreement(images: np.ndarray, scenes, classifier: ZeroShotCla
     from brainmclip.miniature.world import scene_labels
 
     if len(images) != len(scenes):
-        raise ValueError(f"{len(images)} images but {len(scenes)} scenes")
+        raise InvalidInputError(f"{len(images)} images but {len(scenes)} scenes")
     pred = classifier.predict(images)
     return np.array([bool(scene_labels(scene)["main_categories"][p]) for p, scene in zip(pred, scenes, strict=True)])
 
@@ -159,7 +160,7 @@ def generation_scores(generated: np.ndarray, bank: SceneBank, towers: ClipTowers
     pred = classifier.predict(generated)
     truth = bank.images
     if truth.shape[1:] != generated.shape[1:]:
-        raise ValueError(f"generated images {generated.shape[1:]} and truth {truth.shape[1:]} differ in size")
+        raise InvalidInputError(f"generated images {generated.shape[1:]} and truth {truth.shape[1:]} differ in size")
     pixcorr = rowwise_pearson(torch.from_numpy(generated).float(), torch.from_numpy(truth).float())
     return {"clip_two_way": round(float(two_way), 4),
             "category_agreement": round(float(_correct(pred, bank).mean()), 4),

@@ -23,6 +23,7 @@ from transformers import CLIPTextModel
 
 from brainmclip.atomic import write_json_atomic
 from brainmclip.config import check_keys
+from brainmclip.errors import MissingInputError
 from brainmclip.features.clip_models import load_clip, resolve_model_folder
 from brainmclip.features.tokenizer import tokenize
 from brainmclip.miniature.card import file_checksums, write_model_card
@@ -142,7 +143,7 @@ def _vae_folder(vae: str | Path) -> Path:
         return folder / "vae"
     if (folder / "config.json").is_file():
         return folder
-    raise FileNotFoundError(f"{folder}: no AutoencoderKL here (expected config.json, or a vae/ subfolder)")
+    raise MissingInputError(f"{folder}: no AutoencoderKL here (expected config.json, or a vae/ subfolder)")
 
 
 def export_mini_sd(unet, vae, text_encoder, tokenizer, clip_folder: Path | None, scheduler_cfg: dict,
@@ -156,7 +157,7 @@ def export_mini_sd(unet, vae, text_encoder, tokenizer, clip_folder: Path | None,
     tokenizer_dir.mkdir(parents=True)
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
         if clip_folder is None or not (clip_folder / name).is_file():
-            raise FileNotFoundError(f"CLIP folder {clip_folder} lacks {name}; mini-SD needs a CLIP with tokenizer files")
+            raise MissingInputError(f"CLIP folder {clip_folder} lacks {name}; mini-SD needs a CLIP with tokenizer files")
         shutil.copy2(clip_folder / name, tokenizer_dir / name)
     PNDMScheduler(**train_scheduler_config(scheduler_cfg), skip_prk_steps=True).save_pretrained(staging / "scheduler")
     import diffusers

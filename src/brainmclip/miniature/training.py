@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from brainmclip.atomic import atomic_path
+from brainmclip.errors import InvalidInputError
 
 __all__ = ["Phase", "cosine_with_warmup", "run_phase", "step_seed", "attach_log"]
 
@@ -107,10 +108,10 @@ def _load(path: Path, phase: Phase) -> tuple[int, float, bool]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a checkpoint is renamed into place whole, so this is a damaged file
-        raise ValueError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete it to start the phase "
+        raise InvalidInputError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete it to start the phase "
                          "again") from None
     if state["settings"] != json.dumps(phase.settings, sort_keys=True):
-        raise ValueError(f"{path}: checkpoint of a {phase.name} phase with other settings; use another --out or "
+        raise InvalidInputError(f"{path}: checkpoint of a {phase.name} phase with other settings; use another --out or "
                          "pass --force to start again")
     for key, module in phase.modules.items():
         module.load_state_dict(state["modules"][key])

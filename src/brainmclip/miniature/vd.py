@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from brainmclip.atomic import write_json_atomic
 from brainmclip.config import check_keys
+from brainmclip.errors import InvalidInputError
 from brainmclip.features.clip_extractor import ClipFeatureExtractor
 from brainmclip.features.clip_models import load_clip
 from brainmclip.generation.versatile_diffusion import (
@@ -78,7 +79,7 @@ def build_unet(cfg: UnetConfig, sample_size: int, in_channels: int, cross_attent
                flat: bool = False):
     """VD's ``image_unet`` (or, ``flat=True``, its ``text_unet``, with the same block layout) from the config."""
     if len(cfg.attention) != len(cfg.block_out_channels):
-        raise ValueError("unet.attention needs one entry per level of block_out_channels")
+        raise InvalidInputError("unet.attention needs one entry per level of block_out_channels")
     kind = "Flat" if flat else "2D"
     down = tuple(f"CrossAttnDownBlock{kind}" if a else f"DownBlock{kind}" for a in cfg.attention)
     up = tuple(f"CrossAttnUpBlock{kind}" if a else f"UpBlock{kind}" for a in reversed(cfg.attention))
@@ -205,7 +206,7 @@ def train_mini_vd(out, clip: str | Path = "mini", config: str = "vd", overrides:
         start = time.perf_counter()
         towers = load_clip(str(clip))
         if towers.vision.config.image_size != size:
-            raise ValueError(f"CLIP {clip!r} takes {towers.vision.config.image_size} px images; the config's bank "
+            raise InvalidInputError(f"CLIP {clip!r} takes {towers.vision.config.image_size} px images; the config's bank "
                              f"has {size} px")
         extractor = ClipFeatureExtractor(towers, detail_layers=(towers.n_vision_layers,),
                                          semantic_layer=towers.n_vision_layers)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from brainmclip.atomic import atomic_path
 from brainmclip.data.synthetic.render import render_object_masks, render_scene
 from brainmclip.data.synthetic.scenes import BACKGROUNDS, CATEGORIES, COLOURS, PLURALS, Scene, make_captions, sample_scene
+from brainmclip.errors import InvalidInputError
 
 __all__ = [
     "STREAMS",
@@ -65,7 +66,7 @@ _PROMPT_TEMPLATES = (
 
 def _rng(seed: int, stream: str, kind: int, index: int) -> np.random.Generator:
     if stream not in STREAMS:
-        raise ValueError(f"Unknown stream={stream!r}; choose from {sorted(STREAMS)}")
+        raise InvalidInputError(f"Unknown stream={stream!r}; choose from {sorted(STREAMS)}")
     return np.random.default_rng([int(seed), STREAMS[stream], kind, int(index)])
 
 

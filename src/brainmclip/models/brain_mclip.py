@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from brainmclip.config import check_keys
+from brainmclip.errors import InvalidInputError
 from brainmclip.models.layers import EncoderBlock, ResidualMlpBlock, TokenHead, count_parameters
 
 __all__ = ["BrainMCLIPConfig", "BrainMCLIP", "BrainMCLIPOutput", "BRANCHES", "image_target"]
@@ -69,7 +70,7 @@ class BrainMCLIPConfig:
     def __post_init__(self):
         unknown = set(self.branches) - set(BRANCHES)
         if unknown or not self.branches:
-            raise ValueError(f"branches={self.branches!r}; choose a non-empty subset of {list(BRANCHES)}")
+            raise InvalidInputError(f"branches={self.branches!r}; choose a non-empty subset of {list(BRANCHES)}")
         if self.cross_reconstruction and not {"image_semantic", "image_detail"} <= set(self.branches):
             # Cross-reconstruction needs both image codes; single-path ablations switch it off.
             self.cross_reconstruction = False
@@ -125,7 +126,7 @@ class BrainMCLIP(nn.Module):
     def __init__(self, config: BrainMCLIPConfig):
         super().__init__()
         if config.n_semantic_voxels < 1 or config.n_detail_voxels < 1:
-            raise ValueError("n_semantic_voxels and n_detail_voxels must be set (from the prepared dataset)")
+            raise InvalidInputError("n_semantic_voxels and n_detail_voxels must be set (from the prepared dataset)")
         self.config = c = config
         h, ns, nd = c.hidden_dim, c.n_semantic_voxels, c.n_detail_voxels
         if "text" in c.branches:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from brainmclip.errors import InvalidInputError
+
 __all__ = ["EncoderBlock", "ResidualMlpBlock", "TokenHead", "count_parameters"]
 
 
@@ -75,7 +77,7 @@ class TokenHead(nn.Module):
         the mean it learns only what tells images apart.
         """
         if tuple(mean.shape) != (self.tokens, self.embed_dim):
-            raise ValueError(f"mean has shape {tuple(mean.shape)}, the head outputs {(self.tokens, self.embed_dim)}")
+            raise InvalidInputError(f"mean has shape {tuple(mean.shape)}, the head outputs {(self.tokens, self.embed_dim)}")
         last = self.proj[-1] if isinstance(self.proj, nn.Sequential) else self.proj
         last.bias.copy_(mean.reshape(-1).to(last.bias))
         last.weight.zero_()

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from brainmclip.atomic import read_manifest, stage_arrays, write_json_atomic
+from brainmclip.errors import InvalidInputError
 from brainmclip.types import DecodedEmbeddings
 
 __all__ = ["PREDICTION_FORMAT", "PREDICTION_ARRAYS", "write_predictions", "load_predictions"]
@@ -34,14 +35,14 @@ def write_predictions(out: str | os.PathLike, stimulus_ids: np.ndarray, arrays: 
     out = Path(out)
     unknown = set(arrays) - set(PREDICTION_ARRAYS)
     if unknown or not {"image", "text"} & set(arrays):
-        raise ValueError(f"prediction arrays {sorted(arrays)}; expected 'image' and/or 'text' (plus optionally "
+        raise InvalidInputError(f"prediction arrays {sorted(arrays)}; expected 'image' and/or 'text' (plus optionally "
                          f"{PREDICTION_ARRAYS[2:]})")
     ids = np.asarray(stimulus_ids, np.int64)
     for name, value in arrays.items():
         if value.ndim != 3 or len(value) != len(ids):
-            raise ValueError(f"{name}: shape {value.shape}; expected ({len(ids)}, tokens, embed_dim)")
+            raise InvalidInputError(f"{name}: shape {value.shape}; expected ({len(ids)}, tokens, embed_dim)")
         if not np.isfinite(value).all():
-            raise ValueError(f"{name}: predictions hold NaN or inf; refusing to write them")
+            raise InvalidInputError(f"{name}: predictions hold NaN or inf; refusing to write them")
     stage = stage_arrays(out / "staging", ids, arrays, "stimulus_ids")
     (out / "manifest.json").unlink(missing_ok=True)
     for path in stage.iterdir():

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from brainmclip.atomic import atomic_path
+from brainmclip.errors import InvalidInputError
 
 __all__ = [
     "DEFAULT_ALPHAS",
@@ -78,20 +79,20 @@ _SVD_SOLVERS = ("eigh", "svd")
 def _dtypes(dtype) -> tuple[np.dtype, torch.dtype]:
     np_dtype = np.dtype(dtype)
     if np_dtype not in _TORCH_DTYPES:
-        raise ValueError(f"dtype {np_dtype}; expected float32 or float64")
+        raise InvalidInputError(f"dtype {np_dtype}; expected float32 or float64")
     return np_dtype, _TORCH_DTYPES[np_dtype]
 
 
 def _check_X(X, name: str = "X") -> np.ndarray:
     X = np.asarray(X)
     if X.ndim != 2:
-        raise ValueError(f"{name} has shape {X.shape}; expected a 2-D (n_samples, n_features) array")
+        raise InvalidInputError(f"{name} has shape {X.shape}; expected a 2-D (n_samples, n_features) array")
     if 0 in X.shape:
-        raise ValueError(f"{name} has shape {X.shape}; expected at least one sample and one feature")
+        raise InvalidInputError(f"{name} has shape {X.shape}; expected at least one sample and one feature")
     if not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
-        raise ValueError(f"{name} has dtype {X.dtype}; expected real numbers")
+        raise InvalidInputError(f"{name} has dtype {X.dtype}; expected real numbers")
     if not np.isfinite(X).all():
-        raise ValueError(f"{name} holds NaN or inf; expected finite values")
+        raise InvalidInputError(f"{name} holds NaN or inf; expected finite values")
     return X
 
 
@@ -103,20 +104,20 @@ def _check_Y(Y, n_samples: int) -> tuple[np.ndarray, tuple[int, ...]]:
     """
     Y = np.asarray(Y)
     if Y.ndim == 0:
-        raise ValueError("Y is a scalar; expected an (n_samples, ...) array")
+        raise InvalidInputError("Y is a scalar; expected an (n_samples, ...) array")
     if len(Y) != n_samples:
-        raise ValueError(f"Y has {len(Y)} rows but X has {n_samples}; expected one row of Y per row of X")
+        raise InvalidInputError(f"Y has {len(Y)} rows but X has {n_samples}; expected one row of Y per row of X")
     if not (np.issubdtype(Y.dtype, np.floating) or np.issubdtype(Y.dtype, np.integer)):
-        raise ValueError(f"Y has dtype {Y.dtype}; expected real numbers")
+        raise InvalidInputError(f"Y has dtype {Y.dtype}; expected real numbers")
     if Y.size == 0:
-        raise ValueError(f"Y has shape {Y.shape}; expected at least one target")
+        raise InvalidInputError(f"Y has shape {Y.shape}; expected at least one target")
     return Y.reshape(n_samples, -1), tuple(Y.shape[1:])
 
 
 def _check_alphas(alphas) -> np.ndarray:
     alphas = np.atleast_1d(np.asarray(alphas, dtype=np.float64))
     if alphas.ndim != 1 or alphas.size == 0 or not (np.isfinite(alphas) & (alphas > 0)).all():
-        raise ValueError(f"alphas {alphas.tolist()}; expected a non-empty 1-D sequence of positive finite numbers")
+        raise InvalidInputError(f"alphas {alphas.tolist()}; expected a non-empty 1-D sequence of positive finite numbers")
     return alphas
 
 
@@ -124,7 +125,7 @@ def _target_slices(n_targets: int, target_chunk: int | None) -> list[slice]:
     if target_chunk is None:
         return [slice(0, n_targets)]
     if int(target_chunk) < 1:
-        raise ValueError(f"target_chunk={target_chunk}; expected a positive integer or None")
+        raise InvalidInputError(f"target_chunk={target_chunk}; expected a positive integer or None")
     step = int(target_chunk)
     return [slice(a, min(a + step, n_targets)) for a in range(0, n_targets, step)]
 
@@ -133,7 +134,7 @@ def _target_block(Y2: np.ndarray, sl: slice, np_dtype: np.dtype, device) -> torc
     """Columns ``sl`` of ``Y2`` as a fresh tensor (own copy: Y may be a read-only float16 memmap)."""
     block = torch.from_numpy(np.array(Y2[:, sl], dtype=np_dtype, order="C")).to(device)
     if not torch.isfinite(block).all():
-        raise ValueError(f"Y holds NaN or inf in target columns {sl.start}:{sl.stop}; expected finite values")
+        raise InvalidInputError(f"Y holds NaN or inf in target columns {sl.start}:{sl.stop}; expected finite values")
     return block
 
 
@@ -153,7 +154,7 @@ class _Factors(NamedTuple):
 
 def _check_solver(svd_solver: str) -> None:
     if svd_solver not in _SVD_SOLVERS:
-        raise ValueError(f"svd_solver={svd_solver!r}; expected one of {_SVD_SOLVERS}")
+        raise InvalidInputError(f"svd_solver={svd_solver!r}; expected one of {_SVD_SOLVERS}")
 
 
 def _svd_factors(X: torch.Tensor, fit_intercept: bool, svd_solver: str = "eigh",
@@ -353,7 +354,7 @@ def kfold_indices(n_samples: int, n_folds: int, *, shuffle: bool = False,
         int64 index arrays; ``train`` is sorted.
     """
     if not isinstance(n_folds, (int, np.integer)) or not 2 <= n_folds <= n_samples:
-        raise ValueError(f"n_folds={n_folds!r}; expected an integer with 2 <= n_folds <= n_samples ({n_samples})")
+        raise InvalidInputError(f"n_folds={n_folds!r}; expected an integer with 2 <= n_folds <= n_samples ({n_samples})")
     order = np.random.default_rng(seed).permutation(n_samples) if shuffle else np.arange(n_samples)
     sizes = np.full(n_folds, n_samples // n_folds)
     sizes[: n_samples % n_folds] += 1
@@ -537,7 +538,7 @@ def ridge_cv_scores(X, Y, alphas=DEFAULT_ALPHAS, *, n_folds: int = 5, shuffle: b
     if method == "auto":
         method = "direct" if per_target else "gram"
     if method not in ("gram", "direct") or (per_target and method == "gram"):
-        raise ValueError(f"method={method!r} with per_target={per_target}; expected 'auto', 'direct', "
+        raise InvalidInputError(f"method={method!r} with per_target={per_target}; expected 'auto', 'direct', "
                          "or 'gram' without per_target")
     folds = kfold_indices(len(X), n_folds, shuffle=shuffle, seed=seed)
     slices = _target_slices(Y2.shape[1], target_chunk)
@@ -654,7 +655,7 @@ class RidgeDecoder:
         np_dtype, _ = _dtypes(self.dtype)
         alphas = _check_alphas(self.alphas)
         if self.alpha_per not in _ALPHA_MODES:
-            raise ValueError(f"alpha_per={self.alpha_per!r}; expected one of {_ALPHA_MODES}")
+            raise InvalidInputError(f"alpha_per={self.alpha_per!r}; expected one of {_ALPHA_MODES}")
         _check_solver(self.svd_solver)
         X = _check_X(X)
         Y2, target_shape = _check_Y(Y, len(X))
@@ -662,7 +663,7 @@ class RidgeDecoder:
         run_cv = alphas.size > 1
         if run_cv:
             if self.n_folds is None:
-                raise ValueError(f"n_folds=None with {alphas.size} alphas; expected n_folds >= 2 or a single alpha")
+                raise InvalidInputError(f"n_folds=None with {alphas.size} alphas; expected n_folds >= 2 or a single alpha")
             folds = kfold_indices(n, self.n_folds, shuffle=self.shuffle, seed=self.seed)
         slices = _target_slices(t, self.target_chunk)
         Xt = _as_tensor(X, np_dtype, self.device)
@@ -716,7 +717,7 @@ class RidgeDecoder:
     def _iter_predictions(self, X: np.ndarray) -> Iterator[tuple[slice, torch.Tensor]]:
         np_dtype, _ = _dtypes(self.dtype)
         if X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {X.shape[1]} features; expected {self.n_features_in_}, as in fit")
+            raise InvalidInputError(f"X has {X.shape[1]} features; expected {self.n_features_in_}, as in fit")
         Xt = _as_tensor(X, np_dtype, self.device)
         # Centring before projecting keeps float32 accurate when voxels have large means.
         A = (Xt - _as_tensor(self.x_mean_, np_dtype, self.device)) @ _as_tensor(self.V_, np_dtype, self.device)
@@ -761,7 +762,7 @@ class RidgeDecoder:
         X = _check_X(X)
         Y2, shape = _check_Y(Y, len(X))
         if shape != tuple(self.target_shape_):
-            raise ValueError(f"Y has trailing shape {shape}; expected {tuple(self.target_shape_)}, as in fit")
+            raise InvalidInputError(f"Y has trailing shape {shape}; expected {tuple(self.target_shape_)}, as in fit")
         np_dtype, _ = _dtypes(self.dtype)
         r2 = np.empty(Y2.shape[1])
         for sl, pred in self._iter_predictions(X):
@@ -829,7 +830,7 @@ class RidgeDecoder:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
             if meta.get("format") != RIDGE_FORMAT:
-                raise ValueError(f"{path}: format {meta.get('format')!r}; expected {RIDGE_FORMAT!r}")
+                raise InvalidInputError(f"{path}: format {meta.get('format')!r}; expected {RIDGE_FORMAT!r}")
             params = meta["params"]
             params["dtype"] = np.dtype(params["dtype"]).type
             if device is not None:

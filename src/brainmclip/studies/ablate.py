@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from brainmclip.atomic import write_bytes_atomic
+from brainmclip.errors import InvalidInputError
 from brainmclip.studies.rows import Row, row_folder, train_row
 
 __all__ = ["TABLES", "run_ablation"]
@@ -89,18 +90,18 @@ def run_ablation(table: int, data_dirs, features, out, base_configs=("brain_mcli
     from brainmclip.generation.reconstruct import ReconstructOptions
 
     if table not in TABLES:
-        raise ValueError(f"Unknown table={table!r}; choose 3 (architecture) or 4 (loss)")
+        raise InvalidInputError(f"Unknown table={table!r}; choose 3 (architecture) or 4 (loss)")
     out = Path(out)
     recon_options = recon_options or ReconstructOptions()
     if metrics is not None:
         if not metrics:
-            raise ValueError(f"no metrics given; choose from {list(METRICS)}")
+            raise InvalidInputError(f"no metrics given; choose from {list(METRICS)}")
         metrics = list(check_metrics(metrics))
     eval_kwargs = {"clip_model": clip_model, "allow_random": allow_random, "n_boot": n_boot, "truth_cache": {},
                    "metrics": metrics}
     subjects = [(load_prepared(d, images=False).subject, Path(d)) for d in data_dirs]
     if len({s for s, _ in subjects}) != len(subjects):
-        raise ValueError(f"--data gives subject(s) {[s for s, _ in subjects]} more than once")
+        raise InvalidInputError(f"--data gives subject(s) {[s for s, _ in subjects]} more than once")
     results: dict[str, dict] = {}
     for row in TABLES[table]:
         per_subject = [_subject_row(row, data, features, row_folder(out, row, subject), base_configs, overrides,

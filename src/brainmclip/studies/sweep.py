@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from brainmclip.atomic import write_bytes_atomic
+from brainmclip.errors import InvalidInputError
 from brainmclip.studies.rows import Row, row_folder, train_row
 
 __all__ = ["parse_grid", "grid_rows", "run_sweep"]
@@ -25,7 +26,7 @@ def parse_grid(items) -> list[tuple[str, list]]:
     for item in items:
         key, sep, values = item.partition("=")
         if not sep or not key or not values:
-            raise ValueError(f"--grid {item!r}: expected key.path=value1,value2,...")
+            raise InvalidInputError(f"--grid {item!r}: expected key.path=value1,value2,...")
         parsed = []
         for raw in values.split(","):
             try:
@@ -34,7 +35,7 @@ def parse_grid(items) -> list[tuple[str, list]]:
                 parsed.append(raw)
         grid.append((key, parsed))
     if not grid:
-        raise ValueError("a sweep needs at least one --grid key=values")
+        raise InvalidInputError("a sweep needs at least one --grid key=values")
     return grid
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from brainmclip.atomic import atomic_path
+from brainmclip.errors import MissingInputError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "identity_of", "same_identities"]
 
@@ -20,7 +21,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 def load_checkpoint(path: Path) -> dict:
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint")
+        raise MissingInputError(f"{path}: no checkpoint")
     # weights_only: tensors, dicts, lists, numbers and strings only; no arbitrary code on load.
     return torch.load(path, map_location="cpu", weights_only=True)
 

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from brainmclip.data.prepared import PreparedSubject
+from brainmclip.errors import InvalidInputError
 from brainmclip.features.feature_store import TARGETS, FeatureStore
 
 __all__ = ["PairedSplit"]
@@ -21,17 +22,17 @@ class PairedSplit:
     def __init__(self, prepared: PreparedSubject, split: str, store: FeatureStore | None,
                  semantic_group: str = "semantic", detail_group: str = "detail"):
         if split not in prepared.splits:
-            raise ValueError(f"Unknown split={split!r}; choose from {sorted(prepared.splits)}")
+            raise InvalidInputError(f"Unknown split={split!r}; choose from {sorted(prepared.splits)}")
         self.samples = prepared.splits[split]
         self.semantic_idx = prepared.voxels.group(semantic_group)
         self.detail_idx = prepared.voxels.group(detail_group)
         if len(self.semantic_idx) == 0 or len(self.detail_idx) == 0:
-            raise ValueError(f"{prepared.root}: voxel group {semantic_group!r} or {detail_group!r} is empty")
+            raise InvalidInputError(f"{prepared.root}: voxel group {semantic_group!r} or {detail_group!r} is empty")
         self.store = store
         if store is not None:
             missing = store.missing(np.unique(self.samples.stimulus_ids))
             if len(missing):
-                raise ValueError(f"feature store {store.root} lacks {len(missing)} images of {prepared.root} {split} "
+                raise InvalidInputError(f"feature store {store.root} lacks {len(missing)} images of {prepared.root} {split} "
                                  f"(first NSD id {missing[0]}); run brainmclip extract on this dataset")
 
     def __len__(self) -> int:
@@ -63,7 +64,7 @@ class PairedSplit:
         once per row), so this is the constant prediction with the lowest training MSE.
         """
         if self.store is None:
-            raise ValueError("target_means needs a feature store")
+            raise InvalidInputError("target_means needs a feature store")
         ids, counts = np.unique(self.samples.stimulus_ids, return_counts=True)
         sums: dict[str, np.ndarray] = {}
         for start in range(0, len(ids), batch_size):

@@ -15,6 +15,7 @@ import numpy as np
 from brainmclip import __version__
 from brainmclip.atomic import write_json_atomic
 from brainmclip.data.prepared import load_prepared
+from brainmclip.errors import OutputInTheWayError
 from brainmclip.features.feature_store import open_feature_store
 from brainmclip.paths import record_path, resolve_path
 from brainmclip.training.checkpoint import identity_of
@@ -29,7 +30,7 @@ def write_ground_truth_run(data, features, out) -> Path:
     """A run folder (``run.json`` only: nothing is fitted) that ``predict`` turns into ground-truth predictions."""
     out = Path(out)
     if (out / "run.json").exists():
-        raise FileExistsError(f"{out} already holds a run; choose another --out")
+        raise OutputInTheWayError(f"{out} already holds a run; choose another --out")
     prepared = load_prepared(data, images=False)
     store = open_feature_store(features)
     for split in prepared.splits:  # fail now, not at predict time, when the store lacks images

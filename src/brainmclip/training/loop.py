@@ -25,6 +25,7 @@ from brainmclip import __version__
 from brainmclip.atomic import atomic_path, write_json_atomic
 from brainmclip.config import check_keys, load_config
 from brainmclip.data.prepared import load_prepared
+from brainmclip.errors import InvalidInputError, MissingInputError, OutputInTheWayError
 from brainmclip.evaluation.retrieval import pairwise_identification, similarity_matrix, top1_n_way
 from brainmclip.features.feature_store import open_feature_store
 from brainmclip.losses.brain_mclip_objective import ObjectiveConfig, brain_mclip_objective
@@ -76,9 +77,9 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.select_on not in ("score", "loss"):
-            raise ValueError(f"Unknown train.select_on={self.select_on!r}; choose 'score' or 'loss'")
+            raise InvalidInputError(f"Unknown train.select_on={self.select_on!r}; choose 'score' or 'loss'")
         if self.mixed_precision not in ("bf16", "bf16-always", "no"):
-            raise ValueError(f"Unknown train.mixed_precision={self.mixed_precision!r}; choose 'bf16', "
+            raise InvalidInputError(f"Unknown train.mixed_precision={self.mixed_precision!r}; choose 'bf16', "
                              "'bf16-always' or 'no'")
 
     @classmethod
@@ -190,16 +191,16 @@ def _train(data, features, config, out, resume, overrides, stop_after_steps, cpu
     last_ckpt = out / "checkpoint_last.pt"
     if resume:
         if not last_ckpt.is_file():
-            raise FileNotFoundError(f"{last_ckpt}: nothing to resume; start the run without --resume")
+            raise MissingInputError(f"{last_ckpt}: nothing to resume; start the run without --resume")
         state = load_checkpoint(last_ckpt)
         cfg = state["config"]
     else:
         if (out / RUN_FILE).exists():
-            raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+            raise OutputInTheWayError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         cfg = load_config(config, overrides) if not isinstance(config, dict) else config
         state = None
     if cfg.get("method", "brain_mclip") != "brain_mclip":
-        raise ValueError(f"config method={cfg.get('method')!r}; train_brain_mclip needs 'brain_mclip'")
+        raise InvalidInputError(f"config method={cfg.get('method')!r}; train_brain_mclip needs 'brain_mclip'")
     train_cfg = TrainConfig.from_dict(cfg.get("train", {}))
     loss_cfg = ObjectiveConfig.from_dict(cfg.get("loss", {}))
     data_cfg = cfg.get("data", {})
@@ -209,7 +210,7 @@ def _train(data, features, config, out, resume, overrides, stop_after_steps, cpu
     identities = {"data": identity_of(Path(data) / "manifest.json"),
                   "features": identity_of(Path(features) / "manifest.json")}
     if state is not None and not same_identities(state["identities"], identities):
-        raise ValueError(f"{out}: the checkpoint was trained on other data or features "
+        raise InvalidInputError(f"{out}: the checkpoint was trained on other data or features "
                          f"({state['identities']['data']['path']}, {state['identities']['features']['path']})")
     train_split = PairedSplit(prepared, "train", store, data_cfg.get("semantic_group", "semantic"),
                               data_cfg.get("detail_group", "detail"))
@@ -378,7 +379,7 @@ def load_best_model(run_dir: Path) -> BrainMCLIP:
 
     path = Path(run_dir) / "model_best.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; the run has not finished an epoch yet")
+        raise MissingInputError(f"{path}: missing; the run has not finished an epoch yet")
     with safe_open(str(path), framework="pt") as f:
         model_config = json.loads(f.metadata()["model_config"])
         state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict

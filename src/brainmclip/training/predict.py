@@ -10,6 +10,7 @@ import torch
 
 from brainmclip import __version__
 from brainmclip.data.prepared import load_prepared
+from brainmclip.errors import InvalidInputError, MissingInputError
 from brainmclip.models.predictions import write_predictions
 from brainmclip.paths import record_path, resolve_path
 from brainmclip.training.checkpoint import identity_of
@@ -39,7 +40,7 @@ def _read_run(run_dir: Path) -> dict:
 
     path = Path(run_dir) / RUN_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; {run_dir} is not a training run (brainmclip train --out)")
+        raise MissingInputError(f"{path}: missing; {run_dir} is not a training run (brainmclip train --out)")
     return json.loads(path.read_text())
 
 
@@ -66,7 +67,7 @@ def predict(run_dir, split: str = "test", out=None, data=None) -> Path:
     data = Path(data) if data else resolve_path(run["data"], run_dir)
     prepared = load_prepared(data)
     if split not in prepared.splits:
-        raise ValueError(f"Unknown split={split!r}; choose from {sorted(prepared.splits)}")
+        raise InvalidInputError(f"Unknown split={split!r}; choose from {sorted(prepared.splits)}")
     cfg = run["config"].get("data", {})
     paired = PairedSplit(prepared, split, None, cfg.get("semantic_group", "semantic"), cfg.get("detail_group", "detail"))
     if run["method"] == "brain_mclip":
@@ -80,7 +81,7 @@ def predict(run_dir, split: str = "test", out=None, data=None) -> Path:
 
         arrays = ground_truth_outputs(run, paired, run_dir)
     else:
-        raise ValueError(f"{run_dir}: unknown method {run['method']!r}")
+        raise InvalidInputError(f"{run_dir}: unknown method {run['method']!r}")
     ids = paired.stimulus_ids
     averaged = len(np.unique(ids)) < len(ids)
     if averaged:

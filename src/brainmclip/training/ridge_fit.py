@@ -18,6 +18,7 @@ from brainmclip import __version__
 from brainmclip.atomic import write_json_atomic
 from brainmclip.config import apply_overrides
 from brainmclip.data.prepared import load_prepared
+from brainmclip.errors import OutputInTheWayError
 from brainmclip.features.feature_store import TARGETS, open_feature_store
 from brainmclip.models.ridge import DEFAULT_ALPHAS, RidgeDecoder
 from brainmclip.paths import record_path
@@ -57,7 +58,7 @@ def train_ridge(data, features, out, overrides: list[str] | None = None, progres
     start = time.perf_counter()
     out = Path(out)
     if (out / "run.json").exists():
-        raise FileExistsError(f"{out} already holds a run; choose another --out")
+        raise OutputInTheWayError(f"{out} already holds a run; choose another --out")
     cfg = apply_overrides(DEFAULT_RIDGE_CONFIG, overrides or [])
     prepared = load_prepared(data)
     store = open_feature_store(features)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from brainmclip.errors import InvalidInputError
+
 __all__ = ["SCHEDULES", "PlateauSchedule", "make_schedule"]
 
 SCHEDULES = ("plateau", "onecycle")
@@ -22,7 +24,7 @@ class PlateauSchedule:
     def __init__(self, optimizer: torch.optim.Optimizer, max_lr: float, warmup_steps: int, lr_factor: float,
                  plateau_epochs: int):
         if not 0 < lr_factor < 1:
-            raise ValueError(f"lr_factor={lr_factor}; expected a factor in (0, 1)")
+            raise InvalidInputError(f"lr_factor={lr_factor}; expected a factor in (0, 1)")
         self.optimizer, self.max_lr = optimizer, max_lr
         self.warmup_steps, self.lr_factor, self.plateau_epochs = max(1, warmup_steps), lr_factor, max(1, plateau_epochs)
         self.steps, self.scale, self.epochs_since_cut = 0, 1.0, 0
@@ -70,4 +72,4 @@ def make_schedule(cfg, optimizer, total_steps: int, steps_per_epoch: int):
                                cfg.plateau_epochs)
     if cfg.schedule == "onecycle":
         return _OneCycle(optimizer, max_lr=cfg.max_lr, total_steps=total_steps, pct_start=cfg.pct_start)
-    raise ValueError(f"Unknown train.schedule={cfg.schedule!r}; choose one of {list(SCHEDULES)}")
+    raise InvalidInputError(f"Unknown train.schedule={cfg.schedule!r}; choose one of {list(SCHEDULES)}")

@@ -25,6 +25,7 @@ before the first shard or betas row is read. Every error a user can cause is a o
 from __future__ import annotations
 
 from brainmclip.data.prepared import PreparedSubject
+from brainmclip.errors import InvalidInputError
 
 from .brain_diffuser import prepare_brain_diffuser
 from .mindeye1 import prepare_mindeye1
@@ -75,16 +76,16 @@ def prepare_published(fmt: str, input_dir, subject: int, out, nsd_root=None, nor
         Identify inputs above 64 MB by SHA-256 instead of size and mtime.
     """
     if fmt not in PUBLISHED_FORMATS:
-        raise ValueError(f"Unknown format={fmt!r}; choose from {list(PUBLISHED_FORMATS)}")
+        raise InvalidInputError(f"Unknown format={fmt!r}; choose from {list(PUBLISHED_FORMATS)}")
     common = dict(nsd_root=nsd_root, normalize=normalize, val_size=val_size, detail_voxels=detail_voxels,
                   images=images, force=force, full_hash=full_hash)
     if fmt == "mindeye2":
         return prepare_mindeye2(input_dir, subject, out, test_set=test_set or "new", single_trial=single_trial,
                                 **common)
     if test_set not in (None, "old"):
-        raise ValueError(f"test_set={test_set!r}: {fmt} files hold the old test set only; leave test_set unset")
+        raise InvalidInputError(f"test_set={test_set!r}: {fmt} files hold the old test set only; leave test_set unset")
     if single_trial:
-        raise ValueError(f"single_trial=True: {fmt} files hold betas averaged over repeats; use mindeye2 or the "
+        raise InvalidInputError(f"single_trial=True: {fmt} files hold betas averaged over repeats; use mindeye2 or the "
                          "official NSD files for single trials")
     reader = prepare_brain_diffuser if fmt == "brain-diffuser" else prepare_mindeye1
     return reader(input_dir, subject, out, **common)

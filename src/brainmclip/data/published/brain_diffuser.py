@@ -17,6 +17,7 @@ from brainmclip.data.build_common import ROW_CHUNK, to_uint8
 from brainmclip.data.nsd_paths import BETA_SCALE, NSD_SESSIONS_PER_SUBJECT
 from brainmclip.data.prepare import OLD_TEST_SET_SESSIONS, session_plan
 from brainmclip.data.prepared import PreparedSubject, PreparedWriter
+from brainmclip.errors import InvalidInputError, MissingInputError
 
 from .build import (
     caption_source,
@@ -43,7 +44,7 @@ def _brain_diffuser_folder(input_dir: Path, subject: int) -> Path:
     for folder in (input_dir, input_dir / f"subj{subject:02d}"):
         if (folder / name).is_file():
             return folder
-    raise FileNotFoundError(f"{input_dir / name}: missing (Brain-Diffuser averaged train betas of subject {subject}); "
+    raise MissingInputError(f"{input_dir / name}: missing (Brain-Diffuser averaged train betas of subject {subject}); "
                             f"expected --input processed_data or processed_data/subj{subject:02d}")
 
 
@@ -70,12 +71,12 @@ def prepare_brain_diffuser(input_dir, subject: int, out, nsd_root=None, normaliz
         path = file(split, "fmriavg_nsdgeneral")
         fmri[split] = load_npy(path, f"Brain-Diffuser averaged {split} betas (images x nsdgeneral voxels)", mmap=True)
         if fmri[split].ndim != 2 or fmri[split].dtype.kind not in "fiu" or 0 in fmri[split].shape:
-            raise ValueError(f"{path}: shape {fmri[split].shape} {fmri[split].dtype}; expected a 2-D numeric array "
+            raise InvalidInputError(f"{path}: shape {fmri[split].shape} {fmri[split].dtype}; expected a 2-D numeric array "
                              "(images, nsdgeneral voxels)")
         job.add_input(path)
     n_voxels = fmri["train"].shape[1]
     if fmri["test"].shape[1] != n_voxels:
-        raise ValueError(f"{file('test', 'fmriavg_nsdgeneral')}: {fmri['test'].shape[1]} voxels; expected "
+        raise InvalidInputError(f"{file('test', 'fmriavg_nsdgeneral')}: {fmri['test'].shape[1]} voxels; expected "
                          f"{n_voxels} as in {file('train', 'fmriavg_nsdgeneral').name}")
     for split in ("train", "test"):
         n = len(fmri[split])
@@ -85,18 +86,18 @@ def prepare_brain_diffuser(input_dir, subject: int, out, nsd_root=None, normaliz
                                    mmap=True)
             shape = stim[split].shape
             if len(shape) != 4 or shape[3] != 3 or shape[0] != n or stim[split].dtype.kind not in "fiu":
-                raise ValueError(f"{path}: shape {shape} {stim[split].dtype}; expected ({n}, H, W, 3) pixel values, "
+                raise InvalidInputError(f"{path}: shape {shape} {stim[split].dtype}; expected ({n}, H, W, 3) pixel values, "
                                  f"one image per row of {file(split, 'fmriavg_nsdgeneral').name}")
             job.add_input(path)
         path = file(split, "cap")
         if path.is_file():
             caps[split] = load_npy(path, f"Brain-Diffuser {split} captions")
             if caps[split].ndim != 2 or len(caps[split]) != n or caps[split].dtype.kind not in "US":
-                raise ValueError(f"{path}: shape {caps[split].shape} {caps[split].dtype}; expected ({n}, n_captions) "
+                raise InvalidInputError(f"{path}: shape {caps[split].shape} {caps[split].dtype}; expected ({n}, n_captions) "
                                  "strings")
             job.add_input(path)
     if images and stim["train"].shape[1:] != stim["test"].shape[1:]:
-        raise ValueError(f"{file('test', 'stim')}: images of {stim['test'].shape[1:]}; expected "
+        raise InvalidInputError(f"{file('test', 'stim')}: images of {stim['test'].shape[1:]}; expected "
                          f"{stim['train'].shape[1:]} as in {file('train', 'stim').name}")
 
     voxels = voxel_set(job, n_voxels, file("train", "fmriavg_nsdgeneral"))
@@ -109,7 +110,7 @@ def prepare_brain_diffuser(input_dir, subject: int, out, nsd_root=None, normaliz
         trials = {}
         for split in ("train", "test"):
             if len(ids[split]) != len(fmri[split]):
-                raise ValueError(f"{file(split, 'fmriavg_nsdgeneral')}: {len(fmri[split])} rows, but "
+                raise InvalidInputError(f"{file(split, 'fmriavg_nsdgeneral')}: {len(fmri[split])} rows, but "
                                  f"{nsd_paths.expdesign_path(job.nsd_root)} gives {len(ids[split])} {split} images in "
                                  f"sessions 1-{last} of subject {subject}; expected Brain-Diffuser files of that "
                                  "subject")
@@ -153,7 +154,7 @@ def prepare_brain_diffuser(input_dir, subject: int, out, nsd_root=None, normaliz
                 block = np.asarray(fmri[source][start:stop], np.float64)
                 if not np.isfinite(block).all():
                     row = start + int(np.flatnonzero(~np.isfinite(block).all(1))[0])
-                    raise ValueError(f"{file(source, 'fmriavg_nsdgeneral')}: row {row} holds NaN or inf; expected "
+                    raise InvalidInputError(f"{file(source, 'fmriavg_nsdgeneral')}: row {row} holds NaN or inf; expected "
                                      "finite averaged betas")
                 out[start - a:stop - a] = block / BETA_SCALE
             outputs[split] = out
@@ -167,7 +168,7 @@ def prepare_brain_diffuser(input_dir, subject: int, out, nsd_root=None, normaliz
                     brightest = max(brightest, int(block.max()))
                     img[start - a:stop - a] = block
                 if b > a and stim[source].dtype.kind == "f" and brightest <= 1:
-                    raise ValueError(f"{img_path}: pixel values within 0-1; expected 0-255 as Brain-Diffuser "
+                    raise InvalidInputError(f"{img_path}: pixel values within 0-1; expected 0-255 as Brain-Diffuser "
                                      "saves them")
                 img.flush()
         finish_betas(outputs, job.normalize, file("train", "fmriavg_nsdgeneral"))

@@ -41,6 +41,7 @@ from brainmclip.data.nsd_official import (
 from brainmclip.data.nsd_paths import ROI_NAMES, check_subject
 from brainmclip.data.prepare import DEFAULT_VAL_FRACTION, NORMALIZATIONS
 from brainmclip.data.prepared import PREPARED_FORMAT, PreparedSubject, PreparedWriter, VoxelSet, load_prepared
+from brainmclip.errors import InvalidInputError, MissingInputError
 from brainmclip.paths import record_path
 
 log = logging.getLogger("brainmclip.prepare")
@@ -97,23 +98,23 @@ def new_job(fmt: str, input_dir, subject, out, nsd_root, normalize: str, val_siz
     """Check the arguments, then read the NSD root's ROI files (when all are there) and design."""
     subject = check_subject(subject)
     if normalize not in NORMALIZATIONS:
-        raise ValueError(f"Unknown normalize={normalize!r}; choose from {list(NORMALIZATIONS)}")
+        raise InvalidInputError(f"Unknown normalize={normalize!r}; choose from {list(NORMALIZATIONS)}")
     if normalize == "session":
-        raise ValueError(f"normalize='session' is not possible for {fmt} files: {why_no_session}; "
+        raise InvalidInputError(f"normalize='session' is not possible for {fmt} files: {why_no_session}; "
                          "use normalize 'brain-diffuser' or 'none'")
     if detail_voxels not in ("roi", "nsdgeneral"):
-        raise ValueError(f"Unknown detail_voxels={detail_voxels!r}; choose 'roi' or 'nsdgeneral'")
+        raise InvalidInputError(f"Unknown detail_voxels={detail_voxels!r}; choose 'roi' or 'nsdgeneral'")
     if val_size is not None and (isinstance(val_size, bool) or not isinstance(val_size, (int, np.integer))
                                  or val_size < 0):
-        raise ValueError(f"val_size={val_size!r}; expected a non-negative number of images")
+        raise InvalidInputError(f"val_size={val_size!r}; expected a non-negative number of images")
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
-        raise FileNotFoundError(f"{input_dir}: folder not found (the {fmt} files of subject {subject})")
+        raise MissingInputError(f"{input_dir}: folder not found (the {fmt} files of subject {subject})")
     root = None
     if nsd_root is not None:
         root = Path(nsd_root)
         if not root.is_dir():
-            raise FileNotFoundError(f"{root}: NSD root folder not found")
+            raise MissingInputError(f"{root}: NSD root folder not found")
     job = Job(fmt, subject, input_dir, Path(out), root, normalize, None if val_size is None else int(val_size),
               detail_voxels, bool(images), bool(force), bool(full_hash))
     if root is not None:
@@ -170,7 +171,7 @@ def voxel_set(job: Job, n_voxels: int, source: Path) -> VoxelSet:
     if job.rois is not None:
         voxels, roi_paths = job.rois
         if voxels.n_voxels != n_voxels:
-            raise ValueError(f"{source}: {n_voxels} voxels, but {roi_paths['nsdgeneral']} has "
+            raise InvalidInputError(f"{source}: {n_voxels} voxels, but {roi_paths['nsdgeneral']} has "
                              f"{voxels.n_voxels} nsdgeneral voxels; expected files of the same subject "
                              f"({job.subject})")
         for path in roi_paths.values():
@@ -191,7 +192,7 @@ def n_val(n_train: int, val_size: int | None, source) -> int:
     """Images held out from the end of train: ``val_size``, or the default fraction."""
     n = round(n_train * DEFAULT_VAL_FRACTION) if val_size is None else val_size
     if n >= n_train:
-        raise ValueError(f"{source}: val_size={n} leaves no training images (train has {n_train})")
+        raise InvalidInputError(f"{source}: val_size={n} leaves no training images (train has {n_train})")
     return n
 
 
@@ -272,7 +273,8 @@ def finish_betas(outputs: dict[str, np.ndarray], normalize: str, source) -> None
             block = out[start:start + ROW_CHUNK]
             if not np.isfinite(block).all():
                 row = start + int(np.flatnonzero(~np.isfinite(block).all(1))[0])
-                raise ValueError(f"{source}: {split} row {row} holds NaN or inf after averaging; expected finite betas")
+                raise InvalidInputError(f"{source}: {split} row {row} holds NaN or inf after averaging; "
+                                        f"expected finite betas")
     if normalize == "brain-diffuser":
         zscore_with_non_test(outputs, source)
     for out in outputs.values():
@@ -281,12 +283,12 @@ def finish_betas(outputs: dict[str, np.ndarray], normalize: str, source) -> None
 
 def load_npy(path: Path, what: str, mmap: bool = False) -> np.ndarray:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing ({what})")
+        raise MissingInputError(f"{path}: missing ({what})")
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"{path}: not a readable .npy array ({message}); expected {what}") from None
+        raise InvalidInputError(f"{path}: not a readable .npy array ({message}); expected {what}") from None
 
 
 def integers(values, where: str, what: str) -> np.ndarray:
@@ -297,14 +299,14 @@ def integers(values, where: str, what: str) -> np.ndarray:
     if values.dtype.kind == "f":
         finite = np.isfinite(values)
         if not np.array_equal(values[finite], np.round(values[finite])):
-            raise ValueError(f"{where}: {what} holds non-integer values; expected integers")
+            raise InvalidInputError(f"{where}: {what} holds non-integer values; expected integers")
         return np.where(finite, values, -1).astype(np.int64)
-    raise ValueError(f"{where}: {what} has dtype {values.dtype}; expected integers")
+    raise InvalidInputError(f"{where}: {what} has dtype {values.dtype}; expected integers")
 
 
 def check_no_overlap(ids: dict[str, np.ndarray], where: str) -> None:
     train, test = ids["train"], ids["test"]
     both = np.intersect1d(train[train >= 0], test[test >= 0])
     if len(both):
-        raise ValueError(f"{where}: {len(both)} NSD images are in both train and test (first {int(both[0])}); "
+        raise InvalidInputError(f"{where}: {len(both)} NSD images are in both train and test (first {int(both[0])}); "
                          "expected disjoint splits")

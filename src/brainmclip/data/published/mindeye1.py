@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from brainmclip.data.prepared import PreparedSubject, PreparedWriter
+from brainmclip.errors import InvalidInputError
 
 from .build import (
     NSD_TRIALS_PER_SESSION,
@@ -72,12 +73,12 @@ def _mindeye1(job: Job, shards: dict[str, Shards], captions_from) -> PreparedSub
                "test": [(shards["test"], k) for k in shards["test"].sorted_keys()]}
     for split, items in samples.items():
         if not items:
-            raise ValueError(f"{', '.join(str(p) for p in shards[split].tars)}: no samples; expected "
+            raise InvalidInputError(f"{', '.join(str(p) for p in shards[split].tars)}: no samples; expected "
                              f"{_MINDEYE1_SAMPLE}")
     first_shards, first_key = samples["train"][0]
     first = first_shards.npy(first_key, "nsdgeneral.npy")
     if first.ndim != 2 or first.shape[0] != 3 or first.shape[1] == 0:
-        raise ValueError(f"{first_shards.where(first_key)}: nsdgeneral.npy has shape {first.shape}; expected "
+        raise InvalidInputError(f"{first_shards.where(first_key)}: nsdgeneral.npy has shape {first.shape}; expected "
                          "(3, n_voxels): three repeats of the nsdgeneral voxels")
     n_voxels = first.shape[1]
 
@@ -87,7 +88,7 @@ def _mindeye1(job: Job, shards: dict[str, Shards], captions_from) -> PreparedSub
         for sh, key in items:
             coco = integers(sh.npy(key, "coco73k.npy"), sh.where(key), "coco73k.npy")
             if coco.size != 1 or coco[0] < 0:
-                raise ValueError(f"{sh.where(key)}: coco73k.npy holds {coco.tolist()[:3]}; expected one NSD index")
+                raise InvalidInputError(f"{sh.where(key)}: coco73k.npy holds {coco.tolist()[:3]}; expected one NSD index")
             trial = integers(sh.npy(key, "trial.npy"), sh.where(key), "trial.npy")
             ids_list.append(int(coco[0]))
             trial_list.append(sorted(int(t) for t in trial if t >= 0))
@@ -121,7 +122,7 @@ def _mindeye1(job: Job, shards: dict[str, Shards], captions_from) -> PreparedSub
                     if image_shape is None:
                         image_shape = pixels.shape
                     if pixels.shape != image_shape:
-                        raise ValueError(f"{sh.where(key)}: image of {pixels.shape}; expected {image_shape} like the "
+                        raise InvalidInputError(f"{sh.where(key)}: image of {pixels.shape}; expected {image_shape} like the "
                                          "other samples")
                     if img is None:
                         img = writer.array(f"{split}/images.npy", (b - a, *image_shape), np.uint8)
@@ -145,14 +146,15 @@ def _mindeye1(job: Job, shards: dict[str, Shards], captions_from) -> PreparedSub
 
 def _average_repeats(repeats: np.ndarray, n_voxels: int, where: str) -> np.ndarray:
     if repeats.shape != (3, n_voxels) or repeats.dtype.kind not in "fiu":
-        raise ValueError(f"{where}: nsdgeneral.npy has shape {repeats.shape} {repeats.dtype}; expected (3, {n_voxels}) "
+        raise InvalidInputError(f"{where}: nsdgeneral.npy has shape {repeats.shape} {repeats.dtype}; expected "
+                                f"(3, {n_voxels}) "
                          "numbers: three repeats of the nsdgeneral voxels")
     x = repeats.astype(np.float64)
     available = ~np.isnan(x).all(1)
     if not available.any():
-        raise ValueError(f"{where}: all 3 repeats in nsdgeneral.npy are NaN; expected at least one repeat")
+        raise InvalidInputError(f"{where}: all 3 repeats in nsdgeneral.npy are NaN; expected at least one repeat")
     x = x[available]
     if not np.isfinite(x).all():
-        raise ValueError(f"{where}: nsdgeneral.npy holds NaN or inf inside an available repeat; expected finite "
+        raise InvalidInputError(f"{where}: nsdgeneral.npy holds NaN or inf inside an available repeat; expected finite "
                          "betas (or a whole row of NaN for a missing repeat)")
     return x.mean(0).astype(np.float32)

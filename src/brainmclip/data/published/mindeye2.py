@@ -17,6 +17,7 @@ from brainmclip.data import nsd_paths
 from brainmclip.data.build_common import check_ids, check_nsd_stimuli, copy_nsd_stimuli, open_h5, to_uint8
 from brainmclip.data.prepare import TEST_SETS
 from brainmclip.data.prepared import PreparedSubject, PreparedWriter
+from brainmclip.errors import InvalidInputError, MissingInputError
 
 from .build import (
     NSD_TRIALS_PER_SESSION,
@@ -62,13 +63,13 @@ def prepare_mindeye2(input_dir, subject: int, out, nsd_root=None, normalize: str
     job = new_job("mindeye2", input_dir, subject, out, nsd_root, normalize, val_size, detail_voxels, images,
                   force, full_hash, "its betas file is already session-normalised by its authors (use none)")
     if test_set not in TEST_SETS:
-        raise ValueError(f"Unknown test_set={test_set!r}; choose from {list(TEST_SETS)}")
+        raise InvalidInputError(f"Unknown test_set={test_set!r}; choose from {list(TEST_SETS)}")
     job.single_trial = bool(single_trial)
     job.extra_options = {"test_set": test_set}
     subject = job.subject
     betas_path = job.input_dir / f"betas_all_subj{subject:02d}_fp32_renorm.hdf5"
     if not betas_path.is_file():
-        raise FileNotFoundError(f"{betas_path}: missing (MindEye2 betas of subject {subject}, one row per trial)")
+        raise MissingInputError(f"{betas_path}: missing (MindEye2 betas of subject {subject}, one row per trial)")
     wds = job.input_dir / "wds" / f"subj{subject:02d}"
     test_folder = "new_test" if test_set == "new" else "test"
     example = f"{wds}/{{train,test,new_test}}/*.tar"
@@ -80,7 +81,7 @@ def prepare_mindeye2(input_dir, subject: int, out, nsd_root=None, normalize: str
     with open_h5(betas_path, "MindEye2 betas") as f:
         if "betas" not in f or f["betas"].ndim != 2:
             shape = f["betas"].shape if "betas" in f else None
-            raise ValueError(f"{betas_path}: dataset 'betas' of shape {shape}; expected (trials, nsdgeneral voxels)")
+            raise InvalidInputError(f"{betas_path}: dataset 'betas' of shape {shape}; expected (trials, nsdgeneral voxels)")
         betas_shape = f["betas"].shape
     voxels = voxel_set(job, betas_shape[1], betas_path)
     image_source = _image_source(job) if job.images else None
@@ -130,19 +131,19 @@ def _mindeye2(job: Job, shards: dict[str, Shards], betas_path: Path, betas_shape
         for key in sh.sorted_keys():
             behav = sh.npy(key, "behav.npy")
             if behav.shape != (1, 17):
-                raise ValueError(f"{sh.where(key)}: behav.npy has shape {behav.shape}; expected (1, 17) "
+                raise InvalidInputError(f"{sh.where(key)}: behav.npy has shape {behav.shape}; expected (1, 17) "
                                  "(MindEye2's behaviour row)")
             row = integers(behav[0, [0, 5]], sh.where(key), "behav.npy columns 0 and 5")
             image, trial = int(row[0]), int(row[1])
             if image < 0 or trial < 0:
-                raise ValueError(f"{sh.where(key)}: behav.npy gives NSD index {image} and trial {trial}; expected "
+                raise InvalidInputError(f"{sh.where(key)}: behav.npy gives NSD index {image} and trial {trial}; expected "
                                  "both (-1 means missing)")
             if trial in found and found[trial][0] != image:
-                raise ValueError(f"{sh.where(key)}: trial {trial} shows NSD image {image}, but {found[trial][1]} "
+                raise InvalidInputError(f"{sh.where(key)}: trial {trial} shows NSD image {image}, but {found[trial][1]} "
                                  f"says {found[trial][0]}; expected one image per trial")
             found.setdefault(trial, (image, sh.where(key)))
         if not found:
-            raise ValueError(f"{', '.join(map(str, sh.tars))}: no samples; expected MindEye2 samples with behav.npy")
+            raise InvalidInputError(f"{', '.join(map(str, sh.tars))}: no samples; expected MindEye2 samples with behav.npy")
         order = sorted(found)
         if split == "test":
             origin = {t: w for t, (_, w) in found.items()}
@@ -150,7 +151,7 @@ def _mindeye2(job: Job, shards: dict[str, Shards], betas_path: Path, betas_shape
         split_images[split] = np.array([found[t][0] for t in order], np.int64)
     clash = np.intersect1d(split_trials["train"], split_trials["test"])
     if len(clash):
-        raise ValueError(f"{origin[int(clash[0])]}: trial {int(clash[0])} is also in the train "
+        raise InvalidInputError(f"{origin[int(clash[0])]}: trial {int(clash[0])} is also in the train "
                          "shards; expected disjoint train and test trials")
     check_no_overlap(split_images, f"{job.input_dir / 'wds' / f'subj{job.subject:02d}'} (train and "
                                    f"{test_folder} shards)")
@@ -159,7 +160,7 @@ def _mindeye2(job: Job, shards: dict[str, Shards], betas_path: Path, betas_shape
     n_rows, n_voxels = betas_shape
     needed_max = int(max(split_trials["train"].max(), split_trials["test"].max()))
     if needed_max >= n_rows:
-        raise ValueError(f"{betas_path}: {n_rows} rows, but the shards refer to trial {needed_max}; expected one row "
+        raise InvalidInputError(f"{betas_path}: {n_rows} rows, but the shards refer to trial {needed_max}; expected one row "
                          "per global trial of the subject")
     design = job.design
     trials_per_session = design.trials_per_session if design is not None else NSD_TRIALS_PER_SESSION
@@ -211,7 +212,7 @@ def _mindeye2(job: Job, shards: dict[str, Shards], betas_path: Path, betas_shape
                     data = np.asarray(ds[t], np.float32)
                 bad = ~np.isfinite(data).all(1)
                 if bad.any():
-                    raise ValueError(f"{betas_path}: row {int(t[np.flatnonzero(bad)[0]])} holds NaN or inf; "
+                    raise InvalidInputError(f"{betas_path}: row {int(t[np.flatnonzero(bad)[0]])} holds NaN or inf; "
                                      "expected finite betas")
                 for i, split in enumerate(names):
                     sel = split_all[start:start + _H5_BLOCK] == i
@@ -247,7 +248,7 @@ def _mindeye2_images(path: Path) -> tuple[int, ...]:
     with open_h5(path, "MindEye2 COCO images") as f:
         if "images" not in f or f["images"].ndim != 4 or f["images"].shape[1] != 3:
             shape = f["images"].shape if "images" in f else None
-            raise ValueError(f"{path}: dataset 'images' of shape {shape}; expected (73000, 3, H, W) values in 0-1")
+            raise InvalidInputError(f"{path}: dataset 'images' of shape {shape}; expected (73000, 3, H, W) values in 0-1")
         return f["images"].shape
 
 

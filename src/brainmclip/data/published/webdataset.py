@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from brainmclip.errors import InvalidInputError, MissingInputError
+
 __all__ = ["Shards", "tar_files", "decode_jpeg", "npy_bytes"]
 
 
@@ -27,7 +29,7 @@ def npy_bytes(data: bytes, where: str, what: str) -> np.ndarray:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"{where}: not a readable .npy array ({message}); expected {what}") from None
+        raise InvalidInputError(f"{where}: not a readable .npy array ({message}); expected {what}") from None
 
 
 class Shards:
@@ -50,7 +52,7 @@ class Shards:
             self.tars[path] = tar
             members = tar.getmembers()
         except (tarfile.TarError, OSError, EOFError) as exc:
-            raise ValueError(f"{path}: not a readable tar file ({exc}); expected {self.what}") from None
+            raise InvalidInputError(f"{path}: not a readable tar file ({exc}); expected {self.what}") from None
         grouped: dict[str, dict[str, tarfile.TarInfo]] = {}
         for member in members:
             if not member.isfile():
@@ -60,7 +62,7 @@ class Shards:
                 grouped.setdefault(key, {})[ext] = member
         for key, exts in grouped.items():
             if key in self.samples:
-                raise ValueError(f"{path}: sample {key!r} is also in {self.samples[key][0]}; expected each sample "
+                raise InvalidInputError(f"{path}: sample {key!r} is also in {self.samples[key][0]}; expected each sample "
                                  "once per split")
             self.samples[key] = (path, exts)
 
@@ -76,13 +78,13 @@ class Shards:
     def read(self, key: str, ext: str) -> bytes:
         path, members = self.samples[key]
         if ext not in members:
-            raise ValueError(f"{path}: sample {key!r} has no '{ext}' member (it has {sorted(members)}); "
+            raise InvalidInputError(f"{path}: sample {key!r} has no '{ext}' member (it has {sorted(members)}); "
                              f"expected {self.what}")
         try:
             handle = self.tars[path].extractfile(members[ext])
             return handle.read()
         except (tarfile.TarError, OSError, EOFError) as exc:
-            raise ValueError(f"{path}: cannot read {members[ext].name} ({exc}); truncated tar file?") from None
+            raise InvalidInputError(f"{path}: cannot read {members[ext].name} ({exc}); truncated tar file?") from None
 
     def npy(self, key: str, ext: str) -> np.ndarray:
         return npy_bytes(self.read(key, ext), self.where(key), f"'{ext}' in {self.what}")
@@ -96,14 +98,14 @@ class Shards:
 def tar_files(folder: Path, subject: int, what: str, example: str) -> list[Path]:
     """The ``*.tar`` files of a folder; names that mention another subject (``subjNN``) are skipped."""
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: folder missing ({what}); expected {example}")
+        raise MissingInputError(f"{folder}: folder missing ({what}); expected {example}")
     paths = []
     for path in sorted(folder.glob("*.tar")):
         tag = re.search(r"subj0*(\d+)", path.name)
         if tag is None or int(tag.group(1)) == subject:
             paths.append(path)
     if not paths:
-        raise FileNotFoundError(f"{folder}: no .tar files for subject {subject} ({what}); expected {example}")
+        raise MissingInputError(f"{folder}: no .tar files for subject {subject} ({what}); expected {example}")
     return paths
 
 
@@ -115,4 +117,4 @@ def decode_jpeg(data: bytes, where: str) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as image:
             return np.asarray(image.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ValueError(f"{where}: 'jpg' is not a readable image ({exc})") from None
+        raise InvalidInputError(f"{where}: 'jpg' is not a readable image ({exc})") from None

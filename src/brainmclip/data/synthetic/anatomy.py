@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from brainmclip.data.nsd_paths import HIGH_LEVEL_ROIS, ROI_LABELS
+from brainmclip.errors import InvalidInputError
 
 __all__ = ["VOXEL_SIZE_MM", "Anatomy", "make_anatomy"]
 
@@ -77,7 +78,7 @@ def make_anatomy(grid_shape: tuple[int, int, int], n_nsdgeneral: int, rng: np.ra
     x, y, z = xyz[..., 0], xyz[..., 1], xyz[..., 2]
     brain = (x / 0.95) ** 2 + (y / 0.97) ** 2 + (z / 0.9) ** 2 <= 1.0
     if n_nsdgeneral > brain.sum() // 2:
-        raise ValueError(f"{n_nsdgeneral} nsdgeneral voxels do not fit a brain of {brain.sum()} voxels")
+        raise InvalidInputError(f"{n_nsdgeneral} nsdgeneral voxels do not fit a brain of {brain.sum()} voxels")
 
     # Distance from the occipital pole (y = -1), with a little noise so borders are not planes.
     jitter = rng.normal(0, 0.03, grid_shape)

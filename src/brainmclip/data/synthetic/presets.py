@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from importlib import resources
 
 from brainmclip.data.nsd_paths import N_SUBJECTS, NSD_SESSIONS_PER_SUBJECT
+from brainmclip.errors import InvalidInputError
 
 __all__ = ["PRESETS", "SimulationPreset", "list_presets", "load_preset"]
 
@@ -53,18 +54,19 @@ class SimulationPreset:
 
     def __post_init__(self):
         if not 0 < self.n_shared < self.n_images:
-            raise ValueError(f"preset {self.name!r}: need 0 < n_shared < n_images, got {self.n_shared}, {self.n_images}")
+            raise InvalidInputError(f"preset {self.name!r}: need 0 < n_shared < n_images, got "
+                                    f"{self.n_shared}, {self.n_images}")
         if (REPEATS * self.n_images) % self.n_sessions:
-            raise ValueError(
+            raise InvalidInputError(
                 f"preset {self.name!r}: {REPEATS} x n_images={self.n_images} trials do not split into "
                 f"n_sessions={self.n_sessions} equal sessions"
             )
         if len(self.grid_shapes) != N_SUBJECTS or len(self.nsdgeneral_counts) != N_SUBJECTS:
-            raise ValueError(f"preset {self.name!r}: grid_shapes and nsdgeneral_counts need {N_SUBJECTS} entries")
+            raise InvalidInputError(f"preset {self.name!r}: grid_shapes and nsdgeneral_counts need {N_SUBJECTS} entries")
         for shape, count in zip(self.grid_shapes, self.nsdgeneral_counts, strict=True):
             # nsdgeneral must fit in the occipital part of an ellipsoidal brain.
             if count > 0.15 * shape[0] * shape[1] * shape[2]:
-                raise ValueError(f"preset {self.name!r}: {count} nsdgeneral voxels do not fit a {shape} grid")
+                raise InvalidInputError(f"preset {self.name!r}: {count} nsdgeneral voxels do not fit a {shape} grid")
 
     @property
     def n_trials(self) -> int:
@@ -105,5 +107,5 @@ PRESETS = {name: _read_preset(name) for name in list_presets()}
 
 def load_preset(name: str) -> SimulationPreset:
     if name not in PRESETS:
-        raise ValueError(f"Unknown preset={name!r}; choose from {sorted(PRESETS)}")
+        raise InvalidInputError(f"Unknown preset={name!r}; choose from {sorted(PRESETS)}")
     return PRESETS[name]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
+from brainmclip.errors import InvalidInputError
+
 from .scenes import BACKGROUNDS, COLOURS, Scene, SceneObject
 
 __all__ = ["LOW_LEVEL_CHANNELS", "low_level_maps", "render_object_masks", "render_scene"]
@@ -106,7 +108,7 @@ def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, size: int) -> None
         draw.ellipse(box(-0.3, -0.3, 0.3, 0.3), fill=colour, outline=dark, width=lw)
         draw.arc(box(-0.3, -0.15, 0.3, 0.45), start=200, end=340, fill=(250, 250, 250), width=lw)
     else:  # pragma: no cover - CATEGORIES and this function are edited together
-        raise ValueError(f"No drawing for category={c!r}")
+        raise InvalidInputError(f"No drawing for category={c!r}")
 
 
 def render_scene(scene: Scene, size: int) -> np.ndarray:

@@ -26,6 +26,7 @@ from brainmclip import __version__
 from brainmclip.atomic import atomic_path, remove_stale_temporaries, write_bytes_atomic, write_json_atomic
 from brainmclip.data import nsd_paths
 from brainmclip.data.nsd_paths import BETA_SCALE, N_SUBJECTS, ROI_NAMES, check_subject
+from brainmclip.errors import InvalidInputError, MissingInputError, OutputInTheWayError
 
 from .anatomy import make_anatomy
 from .encoding import N_NOISE_FACTORS, SHARED_NOISE_FRACTION, SignalModel, VoxelTuning, make_tuning
@@ -76,7 +77,7 @@ def load_scenes(root: Path) -> dict[int, Scene]:
     """What each simulated image shows, by NSD id (0-based), from ``simulation/scenes.jsonl``."""
     path = simulation_dir(root) / "scenes.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; {root} is not a simulated NSD (brainmclip simulate writes it)")
+        raise MissingInputError(f"{path}: missing; {root} is not a simulated NSD (brainmclip simulate writes it)")
     scenes = {}
     for line in path.read_text().splitlines():
         if line.strip():
@@ -89,7 +90,7 @@ def load_truth(root: Path, subject: int) -> tuple[VoxelTuning, dict[str, np.ndar
     """The simulator's ground truth for one subject: voxel tuning and all stored arrays."""
     path = truth_path(root, subject)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no simulation ground truth for subject {subject}")
+        raise MissingInputError(f"{path}: no simulation ground truth for subject {subject}")
     with np.load(path, allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
     return VoxelTuning.from_arrays(arrays), arrays
@@ -176,7 +177,7 @@ def _check_out_dir(out: Path, settings: dict, force: bool) -> str:
         return "complete" if previous.get("complete") else "resume"
     if not force:
         what = ("a simulation with other settings" if previous is not None else "files that are not a simulation")
-        raise FileExistsError(f"{out} is not empty (it holds {what}); choose an empty folder or pass --force")
+        raise OutputInTheWayError(f"{out} is not empty (it holds {what}); choose an empty folder or pass --force")
     for name in _OWNED:
         if (out / name).exists():
             shutil.rmtree(out / name)
@@ -209,11 +210,11 @@ def make_synthetic_nsd(out_dir, preset: str | SimulationPreset = "tiny", subject
     preset = load_preset(preset) if isinstance(preset, str) else preset
     subjects = tuple(sorted({check_subject(int(s)) for s in subjects}))
     if not subjects:
-        raise ValueError("subjects is empty; expected at least one NSD subject number 1-8")
+        raise InvalidInputError("subjects is empty; expected at least one NSD subject number 1-8")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed={seed!r}; expected a non-negative integer")
+        raise InvalidInputError(f"seed={seed!r}; expected a non-negative integer")
     if sessions is not None and not 1 <= sessions <= preset.n_sessions:
-        raise ValueError(f"sessions={sessions!r}; expected 1-{preset.n_sessions} for the {preset.name!r} preset")
+        raise InvalidInputError(f"sessions={sessions!r}; expected 1-{preset.n_sessions} for the {preset.name!r} preset")
     n_sessions = {s: min(sessions or preset.n_sessions, preset.sessions_for_subject(s)) for s in subjects}
 
     out = Path(out_dir)

@@ -21,6 +21,7 @@ import scipy.io
 
 from brainmclip.atomic import atomic_path, write_bytes_atomic
 from brainmclip.data.nsd_paths import N_SUBJECTS, ROI_LABELS
+from brainmclip.errors import InvalidInputError
 
 __all__ = [
     "NiftiStreamWriter",
@@ -135,7 +136,7 @@ class NiftiStreamWriter:
 
     def write_volume(self, volume: np.ndarray) -> None:
         if volume.shape != self.shape[:3]:
-            raise ValueError(f"{self.path.name}: volume of shape {volume.shape}, expected {self.shape[:3]}")
+            raise InvalidInputError(f"{self.path.name}: volume of shape {volume.shape}, expected {self.shape[:3]}")
         self._gz.write(np.asarray(volume, self.dtype).tobytes(order="F"))
         self._written += 1
 
