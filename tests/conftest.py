@@ -26,6 +26,17 @@ def no_network(monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: tiny models are dominated by thread start-up, so one is faster and steadier."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def restore_root_logging():
     """``main()`` points the root logger at the stderr pytest captures for that test; put it back after."""

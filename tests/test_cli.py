@@ -17,6 +17,8 @@ SIZES = ["--semantic-voxels", "8", "--detail-voxels", "8", "--embed-dim", "16"]
     (["info", "--config", "brain_mclip_tiny", "--set", "model=3", *SIZES], ["model", "hidden_dim"]),
     (["info", "--config", "brain_mclip_tiny", "--set", 'model.branches=["no_such_branch"]', *SIZES],
      ["no_such_branch", "image_semantic"]),
+    (["info", "--config", "brain_mclip_tiny", "--set", "model.hidden_dim=0", *SIZES], ["model.hidden_dim=0", ">= 1"]),
+    (["info", "--config", "brain_mclip_tiny", "--set", "model.dropout=nan", *SIZES], ["model.dropout='nan'", "[0, 1)"]),
 ])
 def test_unknown_names_are_one_line_errors(argv, names, capsys):
     assert main(["-q", *argv]) == 1

@@ -13,9 +13,10 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from brainmclip.errors import InvalidInputError, MissingInputError
+from brainmclip.errors import InvalidInputError, MissingInputError, OutputInTheWayError
 
-__all__ = ["TEMP_MARKER", "atomic_path", "remove_stale_temporaries", "write_bytes_atomic", "write_json_atomic"]
+__all__ = ["LOCK_FILE", "TEMP_MARKER", "atomic_path", "locks_output", "output_entries", "output_lock",
+           "remove_stale_temporaries", "write_bytes_atomic", "write_json_atomic"]
 
 TEMP_MARKER = ".tmp-"
 
@@ -68,7 +69,13 @@ def read_manifest(root: str | os.PathLike, fmt: str, what: str, command: str, co
     manifest_file = root / "manifest.json"
     if not manifest_file.is_file():
         raise MissingInputError(f"{manifest_file}: missing; {root} is not {what} (run brainmclip {command})")
-    manifest = json.loads(manifest_file.read_text())
+    try:
+        manifest = json.loads(manifest_file.read_bytes().decode("utf-8"))
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError: a cut or overwritten file
+        raise InvalidInputError(f"{manifest_file}: truncated or corrupt ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0]}); make {root} again with brainmclip {command}") from None
+    if not isinstance(manifest, dict):
+        raise InvalidInputError(f"{manifest_file}: not a JSON object; make {root} again with brainmclip {command}")
     if manifest.get("format") != fmt:
         raise InvalidInputError(f"{manifest_file}: format {manifest.get('format')!r}; expected {fmt!r}")
     if complete and not manifest.get("complete"):
@@ -93,3 +100,124 @@ def stage_arrays(final: str | os.PathLike, ids, arrays: dict, ids_name: str, dty
     for name, array in arrays.items():
         np.save(stage / f"{name}.npy", np.asarray(array, dtype))
     return stage
+
+
+# -- one writer per output folder ------------------------------------------------------------
+
+LOCK_FILE = ".brainmclip.lock"
+
+# Folders this process holds locked (resolved path -> depth), so that a stage called from another
+# stage on the same folder does not lock itself out: flock locks belong to an open file, not a process.
+_held: dict[Path, int] = {}
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+@contextmanager
+def output_lock(folder: str | os.PathLike):
+    """Hold ``folder/.brainmclip.lock`` (an advisory ``flock``) while writing into ``folder``.
+
+    Two brainmclip processes writing into one folder would mix their outputs (a ``run.json`` of one
+    run beside the weights of another); the second one raises :class:`OutputInTheWayError` at once
+    instead. The folder (and its parents) are created as needed. On exit, normal or not, the lock
+    is released and its file deleted, and a folder this call created that still holds nothing is
+    removed again, so a command that fails before writing leaves the disk as it found it. A
+    process killed outright (SIGKILL, power loss) leaves the lock file behind, unlocked: the next
+    command takes it over, and the stages' "is this folder empty" checks ignore it (see
+    :func:`output_entries`). In a job of several processes (``WORLD_SIZE`` > 1) only process 0
+    (``RANK`` 0) takes the lock, for all of them. Nested calls on one folder in one process share
+    the outer call's lock.
+    """
+    import fcntl
+
+    folder = Path(folder)
+    key = folder.resolve()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        # One job of several processes (torchrun, accelerate launch): process 0 holds the lock for all of them.
+        yield folder
+        return
+    if key in _held:
+        _held[key] += 1
+        try:
+            yield folder
+        finally:
+            _held[key] -= 1
+        return
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            _remove_created(created)
+            raise OutputInTheWayError(f"{folder}: another brainmclip process is writing here (pid "
+                                      f"{_lock_holder(path)}); wait for it or use another --out") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        # The holder before us deletes the file on release; a lock on a file no longer at `path` guards nothing.
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        _held[key] = 0
+        yield folder
+    finally:
+        _held.pop(key, None)
+        try:  # only our own file: if the body replaced the folder, the file there now may be another process's
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # closing releases the lock
+        _remove_created(created)
+
+
+def _remove_created(created: list[Path]) -> None:
+    """Remove the folders a lock created, deepest first, while they are still empty."""
+    for path in created:
+        try:
+            path.rmdir()
+        except OSError:  # not empty (or gone): the command wrote something there
+            return
+
+
+def output_entries(folder: str | os.PathLike) -> list[Path]:
+    """What ``folder`` holds apart from its lock file; [] when it does not exist."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.iterdir() if p.name != LOCK_FILE]
+
+
+def locks_output(parameter: str = "out"):
+    """Decorator: hold :func:`output_lock` on the folder the call's ``parameter`` names (no lock when it is None)."""
+    import functools
+    import inspect
+
+    def decorate(function):
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def locked(*args, **kwargs):
+            folder = signature.bind(*args, **kwargs).arguments.get(parameter)
+            if folder is None:
+                return function(*args, **kwargs)
+            with output_lock(folder):
+                return function(*args, **kwargs)
+        return locked
+    return decorate

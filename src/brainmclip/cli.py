@@ -183,29 +183,39 @@ def _add_train(sub) -> None:
                    help="override a config value, e.g. --set train.epochs=5")
     p.add_argument("--method", default="brain_mclip", choices=("brain_mclip", "ridge", "gt_embedding"))
     p.add_argument("--out", required=True, type=Path, help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (from its beginning if it has none yet)")
+    p.add_argument("--force", action="store_true",
+                   help="delete the run (and its predictions) in --out first; files train did not write stay")
     p.add_argument("--stop-after-steps", type=int, help="stop (with a checkpoint) after this many steps")
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is present")
     p.set_defaults(func=_run_train)
 
 
 def _run_train(args) -> int:
+    if args.method != "brain_mclip" and (args.resume or args.stop_after_steps is not None):
+        raise InvalidInputError(f"--resume and --stop-after-steps are for --method brain_mclip; a {args.method} run is "
+                                "made in one go (rerun without them)")
     if args.method == "gt_embedding":
         from brainmclip.training.ground_truth import write_ground_truth_run
 
-        print(f"ground-truth run at {write_ground_truth_run(args.data, args.features, args.out)} (nothing to fit; "
-              "brainmclip predict --run writes the test images' own targets)")
+        run = write_ground_truth_run(args.data, args.features, args.out, force=args.force)
+        print(f"ground-truth run at {run} (nothing to fit; brainmclip predict --run writes the test images' own "
+              "targets)")
         return 0
     if args.method == "ridge":
         from brainmclip.training.ridge_fit import train_ridge
 
-        result = train_ridge(args.data, args.features, args.out, overrides=args.overrides, progress=not args.quiet)
+        result = train_ridge(args.data, args.features, args.out, overrides=args.overrides, progress=not args.quiet,
+                             force=args.force)
     else:
         from brainmclip.training.loop import train_brain_mclip
 
-        result = train_brain_mclip(args.data, args.features, args.config or ["brain_mclip"], args.out,
+        # With --resume a config is only needed when --out holds no run yet; then it has to be named.
+        config = args.config or (None if args.resume else ["brain_mclip"])
+        result = train_brain_mclip(args.data, args.features, config, args.out,
                                    resume=args.resume, overrides=args.overrides, stop_after_steps=args.stop_after_steps,
-                                   cpu=args.cpu, progress=not args.quiet)
+                                   cpu=args.cpu, progress=not args.quiet, force=args.force)
     print(result.summary())
     return 0
 
@@ -291,8 +301,12 @@ def _add_reconstruct(sub) -> None:
     p.add_argument("--samples", type=int, default=1, help="N candidates per image, best by CLIP similarity")
     p.add_argument("--init-dir", type=Path, help="PNGs (nsd<id>.png) to start from, e.g. low-level reconstructions")
     p.add_argument("--strength", type=float, default=0.85, help="img2img strength with --init-dir")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--force", action="store_true", help="replace reconstructions made with other settings")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="images per batch; the same size gives the same PNGs, another may change a few pixels by one "
+                        "level (1: every image on its own)")
+    p.add_argument("--force", action="store_true",
+                   help="delete the PNGs this folder's manifest lists and make every image again (needed when the "
+                        "predictions, models or settings changed)")
     p.set_defaults(func=_run_reconstruct)
 
 
@@ -333,6 +347,7 @@ def _run_evaluate(args) -> int:
     from brainmclip.evaluation.evaluate import evaluate_reconstructions
     from brainmclip.evaluation.image_metrics import MetricProtocol
 
+    _check_bootstrap(args.bootstrap)
     protocol = MetricProtocol(name=args.protocol, ssim=args.ssim)
     report = evaluate_reconstructions(args.recon, args.out, protocol=protocol, clip_model=args.clip,
                                       weights_dir=args.weights_dir, allow_random=args.allow_random_metric_nets,
@@ -342,10 +357,16 @@ def _run_evaluate(args) -> int:
     return 0
 
 
+def _check_bootstrap(n: int) -> None:
+    if n < 1:
+        raise InvalidInputError(f"--bootstrap {n}: expected at least 1 resample for the 95% intervals")
+
+
 def _add_report(sub) -> None:
     p = sub.add_parser("report", help="a static HTML report (grids, metric table, retrieval, curves) of an evaluation")
     p.add_argument("--eval", required=True, type=Path, help="folder written by brainmclip evaluate")
-    p.add_argument("--out", required=True, type=Path, help="report folder (index.html + figures/)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="report folder (index.html + figures/): new, empty, or an earlier report (replaced)")
     p.add_argument("--title", default="brainmclip reconstructions")
     p.add_argument("--analyses", nargs="+", type=Path, default=[],
                    help="folders of `brainmclip analyze` / `brainmclip ablate` outputs (or folders holding them) "
@@ -355,7 +376,9 @@ def _add_report(sub) -> None:
 
 def _run_report(args) -> int:
     from brainmclip.evaluation.evaluate import make_report
+    from brainmclip.evaluation.report import check_report_out
 
+    check_report_out(args.out)  # refuse a folder that is not a report before reading the evaluation
     print(f"report: {make_report(args.eval, args.out, title=args.title, analyses=args.analyses)}")
     return 0
 
@@ -492,10 +515,14 @@ def _add_sweep(sub) -> None:
 
 
 def _run_sweep(args) -> int:
-    from brainmclip.studies.sweep import parse_grid, run_sweep
+    from brainmclip.config import load_config
+    from brainmclip.studies.sweep import grid_rows, parse_grid, run_sweep
+    from brainmclip.training.loop import check_train_config
 
-    results = run_sweep(args.data, args.features, args.out, parse_grid(args.grid),
-                        args.config or ["brain_mclip_tiny"], args.overrides, progress=not args.quiet)
+    grid, base = parse_grid(args.grid), args.config or ["brain_mclip_tiny"]
+    for row in grid_rows(grid):  # every row's settings, before the first row trains
+        check_train_config(load_config([*base, *row.configs], [*args.overrides, *row.overrides]))
+    results = run_sweep(args.data, args.features, args.out, grid, base, args.overrides, progress=not args.quiet)
     width = max(len(r["row"]) for r in results)
     print(f"{'setting':{width}s}  val 2-way  image  text   epoch  MSE share")
     for r in results:
@@ -533,9 +560,13 @@ def _add_ablate(sub) -> None:
 
 
 def _run_ablate(args) -> int:
+    from brainmclip.config import load_config
     from brainmclip.generation.reconstruct import ReconstructOptions
     from brainmclip.studies.ablate import run_ablation
+    from brainmclip.training.loop import check_train_config
 
+    _check_bootstrap(args.bootstrap)
+    check_train_config(load_config(args.config or ["brain_mclip"], args.overrides))  # before the first row trains
     options = ReconstructOptions(generator=args.generator, clip=args.clip, steps=args.steps, batch_size=50)
     run_ablation(args.table, args.data, args.features, args.out, args.config or ["brain_mclip"], args.overrides,
                  options, clip_model=args.clip, allow_random=args.allow_random_metric_nets, n_boot=args.bootstrap,
@@ -567,7 +598,10 @@ def _add_analyze(sub) -> None:
 
 def _run_analysis(module):
     def run(args) -> int:
-        print(module.run(args))
+        from brainmclip.atomic import output_lock
+
+        with output_lock(args.out):
+            print(module.run(args))
         return 0
     return run
 
@@ -592,8 +626,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"brainmclip {args.command}: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"brainmclip {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(f"brainmclip {args.command}: interrupted; {_after_interrupt(args)}", file=sys.stderr)
         return 130
+
+
+# Commands that keep their finished work and pick up where they stopped when run again.
+_RESUMABLE = ("simulate", "prepare", "extract", "reconstruct", "sweep", "ablate", "miniature", "demo")
+
+
+def _after_interrupt(args) -> str:
+    """What to run after Ctrl-C, true for the command that was interrupted."""
+    if args.command == "train" and args.method == "brain_mclip":
+        if args.resume:
+            return "rerun the same command to continue from the last checkpoint"
+        return "rerun it with --resume added to continue from the last checkpoint"
+    if args.command in _RESUMABLE and getattr(args, "action", "train") == "train":
+        return "rerun the same command to resume"
+    return "rerun the same command to start it again"
 
 
 if __name__ == "__main__":  # pragma: no cover

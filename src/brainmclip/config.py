@@ -9,23 +9,82 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from importlib import resources
 from pathlib import Path
 
 from brainmclip.errors import InvalidInputError
 
-__all__ = ["apply_overrides", "check_keys", "list_configs", "load_config", "merge"]
+__all__ = ["CONFIG_SECTIONS", "apply_overrides", "check_bool", "check_choice", "check_float", "check_int",
+           "check_keys", "check_sections", "list_configs", "load_config", "merge"]
+
+# The top-level keys of a run config.
+CONFIG_SECTIONS = ("method", "data", "model", "loss", "train", "ridge")
 
 
 def check_keys(cls, d: dict, section: str) -> dict:
-    """Return ``d`` if every key is a field of dataclass ``cls``; else one clear ValueError."""
+    """Return ``d`` if it is a dict whose every key is a field of dataclass ``cls``; else one clear ValueError."""
     from dataclasses import fields
 
+    if not isinstance(d, dict):
+        raise InvalidInputError(f"config section {section}={d!r}: expected an object of keys (a JSON {{...}})")
     names = {f.name for f in fields(cls)}
     unknown = set(d) - names
     if unknown:
         raise InvalidInputError(f"Unknown {section} config keys {sorted(unknown)}; known: {sorted(names)}")
     return d
+
+
+def check_sections(config: dict, sections=CONFIG_SECTIONS) -> dict:
+    """Return ``config`` if its top-level keys are among ``sections``; else one clear error naming the others."""
+    unknown = set(config) - set(sections)
+    if unknown:
+        raise InvalidInputError(f"Unknown config sections {sorted(unknown)}; known: {sorted(sections)}")
+    return config
+
+
+def _allowed(minimum, maximum, low_open: bool = False, high_open: bool = False) -> str:
+    if minimum is not None and maximum is not None:
+        return f" in {'(' if low_open else '['}{minimum}, {maximum}{')' if high_open else ']'}"
+    if minimum is not None:
+        return f" {'>' if low_open else '>='} {minimum}"
+    if maximum is not None:
+        return f" {'<' if high_open else '<='} {maximum}"
+    return ""
+
+
+def check_int(key: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
+    """``value`` if it is an integer (not a bool, not 2.0) within the bounds; else an error naming ``key``."""
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if not ok or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise InvalidInputError(f"{key}={value!r}: expected an integer{_allowed(minimum, maximum)}")
+    return value
+
+
+def check_float(key: str, value, minimum: float | None = None, maximum: float | None = None, low_open: bool = False,
+                high_open: bool = False) -> float:
+    """``value`` if it is a finite number within the bounds (``*_open``: the bound itself is excluded)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and minimum is not None:
+        ok = value > minimum if low_open else value >= minimum
+    if ok and maximum is not None:
+        ok = value < maximum if high_open else value <= maximum
+    if not ok:
+        allowed = _allowed(minimum, maximum, low_open, high_open)
+        raise InvalidInputError(f"{key}={value!r}: expected a finite number{allowed}")
+    return value
+
+
+def check_choice(key: str, value, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise InvalidInputError(f"{key}={value!r}: expected one of {list(choices)}")
+    return value
+
+
+def check_bool(key: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidInputError(f"{key}={value!r}: expected true or false")
+    return value
 
 
 def _config_dir():
@@ -58,6 +117,9 @@ def _read(name_or_path: str) -> dict:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidInputError(f"config {name_or_path!r} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"config {name_or_path!r} holds a JSON {type(data).__name__}; expected an object "
+                                "{\"model\": {...}, \"train\": {...}, ...}")
     data.pop("description", None)
     return data
 

@@ -208,6 +208,30 @@ def test_interrupted_run_resumes_per_session(tiny_nsd, tmp_path, monkeypatch):
     assert not (tmp_path / ".work").exists()
 
 
+def test_resume_reads_a_damaged_session_again(tiny_nsd, tmp_path, monkeypatch):
+    """A kept session result that was cut short is not reused: that session is read again."""
+    from brainmclip.data import nsd_official
+
+    options = PrepareOptions(sessions=(1, 2, 3), images=False)
+    first = prepare_subject(tiny_nsd.root, 1, tmp_path, options, keep_work=True, progress=False)
+    expected = {split: np.array(s.betas) for split, s in first.splits.items()}
+    (tmp_path / "manifest.json").unlink()  # the dataset reads as unfinished: the next run resumes
+    cut = tmp_path / ".work" / "session_02.npy"
+    cut.write_bytes(cut.read_bytes()[:-100])
+    real_read = nsd_official._NiftiGzSession.read
+    read_sessions = []
+
+    def counting(self, voxel_ijk):
+        read_sessions.append(self.path.name)
+        return real_read(self, voxel_ijk)
+
+    monkeypatch.setattr(nsd_official._NiftiGzSession, "read", counting)
+    resumed = prepare_subject(tiny_nsd.root, 1, tmp_path, options, progress=False)
+    assert read_sessions == ["betas_session02.nii.gz"]
+    for split, betas in expected.items():
+        np.testing.assert_array_equal(resumed.splits[split].betas, betas)
+
+
 def test_hdf5_betas_variant_gives_the_same_dataset(tmp_path):
     root = tmp_path / "nsd"
     make_synthetic_nsd(root, "tiny", subjects=[1], seed=2, sessions=3, progress=False)

@@ -221,11 +221,40 @@ def test_rewrite_replaces_atomically(tmp_path):
     runs = synthetic_runs(tmp_path)
     out = tmp_path / "r"
     write_report(out, runs)
-    (out / "stale.txt").write_text("old")
+    assert (out / "figures" / "subj02_grid.png").exists()
     write_report(out, runs[:2], title="second")
-    assert not (out / "stale.txt").exists()
+    # The first report's figures are gone with it: the folder holds exactly the second report.
     assert sorted(p.name for p in (out / "figures").iterdir()) == ["subj01_curves.png", "subj01_grid.png"]
+    assert "second" in (out / "index.html").read_text()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_out_that_is_not_a_report_is_refused_untouched(tmp_path):
+    runs = synthetic_runs(tmp_path)
+    results = tmp_path / "eval"
+    results.mkdir()
+    (results / "metrics.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
+    for out in (results, tmp_path / "notes.txt"):
+        before = {p: p.read_bytes() for p in [out, *out.rglob("*")] if p.is_file()}
+        with pytest.raises(FileExistsError, match="choose"):
+            write_report(out, runs)
+        assert {p: p.read_bytes() for p in [out, *out.rglob("*")] if p.is_file()} == before
+    # A report someone added a file to is not replaced either: that file is not the report's.
+    write_report(tmp_path / "r", runs)
+    (tmp_path / "r" / "my_notes.md").write_text("keep me")
+    with pytest.raises(FileExistsError, match="my_notes.md"):
+        write_report(tmp_path / "r", runs[:2])
+    assert (tmp_path / "r" / "my_notes.md").read_text() == "keep me"
+    assert (tmp_path / "r" / "figures" / "subj02_grid.png").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_an_empty_folder_may_be_used(tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    assert write_report(out, synthetic_runs(tmp_path)) == out.absolute() / "index.html"
+    assert (out / ".brainmclip-report.json").is_file()
 
 
 def test_failure_leaves_previous_report(tmp_path):

@@ -53,6 +53,33 @@ def test_store_roundtrip_and_refusals(tmp_path):
     assert store.remove_stale_shards() == 1
 
 
+def test_damaged_shards_are_refused_and_removed(tmp_path):
+    """A shard is checked against its .npy header (always) and its recorded checksum (once finish ran)."""
+    store = FeatureStore.create(tmp_path / "s", {"model": {"model": "x"}})
+    rng = np.random.default_rng(0)
+    for ids in ([1, 2], [5, 6], [9, 10]):
+        store.write_shard(np.array(ids), {t: rng.normal(size=(2, 3, 4)) for t in ("image_detail", "image_semantic",
+                                                                                    "text")})
+    # Before finish, no checksums exist: a cut file still fails on its header's size.
+    cut = tmp_path / "s" / "shards" / "shard_000005" / "text.npy"
+    cut.write_bytes(cut.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="shard_000005/text.npy: truncated or corrupt.*brainmclip extract"):
+        open_feature_store(tmp_path / "s").get([6])
+    # After finish, flipped bytes fail on the recorded checksum.
+    reopened = open_feature_store(tmp_path / "s")
+    assert reopened.remove_damaged_shards() == 1 and len(reopened) == 4
+    reopened.finish()
+    assert sorted(reopened.manifest["checksums"]) == [f"shards/shard_{i:06d}/{f}" for i in (1, 9) for f in
+                                                      ("ids.npy", "image_detail.npy", "image_semantic.npy", "text.npy")]
+    flipped = tmp_path / "s" / "shards" / "shard_000009" / "image_detail.npy"
+    data = bytearray(flipped.read_bytes())
+    data[-1] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="shard_000009/image_detail.npy: truncated or corrupt.*checksum"):
+        open_feature_store(tmp_path / "s").get([10, 1])
+    assert open_feature_store(tmp_path / "s").get([1, 2])["text"].shape == (2, 3, 4)  # other shards stay readable
+
+
 def test_extract_stores_each_image_once_and_matches_the_extractor(prepared_pair, tmp_path):
     paths = [p.root for p in prepared_pair]
     result = extract_features(paths, tmp_path / "store", model="tiny", batch_size=8, shard_size=64, progress=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -142,3 +144,40 @@ def test_config_errors():
         load_config("no_such_config")
     with pytest.raises(ValueError, match="unknown key"):
         load_config("brain_mclip", ["train.epochz=3"])
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("hidden_dim", 0, "integer >= 1"),
+    ("hidden_dim", 2.5, "integer >= 1"),
+    ("embed_dim", True, "integer >= 1"),
+    ("head_rank", -1, "integer >= 0"),
+    ("dropout", float("nan"), "[0, 1)"),
+    ("dropout", 1.0, "[0, 1)"),
+    ("cross_reconstruction", "yes", "true or false"),
+    ("branches", "text", "non-empty list"),
+    ("branches", [], "non-empty list"),
+])
+def test_model_config_values_are_checked_when_built(key, value, allowed):
+    with pytest.raises(ValueError, match=re.escape(f"model.{key}={value!r}: expected")) as caught:
+        BrainMCLIPConfig.from_dict({key: value})
+    assert allowed in str(caught.value)
+
+
+@pytest.mark.parametrize("loss, message", [
+    ({"reconstruction": float("inf")}, "loss.reconstruction=inf: expected a finite number >= 0"),
+    ({"image_parts": "1"}, "loss.image_parts='1'"),
+    ({"text": {"mse": "big"}}, "loss.text.mse='big': expected a finite number >= 0"),
+    ({"image": {"temperature": 0}}, "loss.image.temperature=0: expected a finite number > 0"),
+    ({"image": {"token_level_cka": 1}}, "loss.image.token_level_cka=1: expected true or false"),
+    ({"image": {"msee": 1}}, "Unknown loss.image config keys ['msee']"),
+    ({"text": [1]}, "config section loss.text=[1]"),
+])
+def test_loss_config_values_are_checked_when_built(loss, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ObjectiveConfig.from_dict(loss)
+
+
+def test_config_files_must_hold_an_object(tmp_path):
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="holds a JSON list; expected an object"):
+        load_config(str(tmp_path / "list.json"))

@@ -6,9 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
-import torch
-
 from brainmclip.generation import reconstruct as recon_module
 from brainmclip.generation.reconstruct import ReconstructOptions, load_reconstructions, reconstruct
 from brainmclip.models.predictions import load_predictions
@@ -18,14 +15,6 @@ from brainmclip.training.loop import train_brain_mclip
 from brainmclip.training.predict import predict
 
 FAST = dict(generator="tiny", clip="tiny", steps=2, batch_size=8, samples=2)
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_record_and_resolve(tmp_path):

@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
+from brainmclip.atomic import output_entries
 from brainmclip.data import nsd_paths
 from brainmclip.data.nsd_official import read_roi_volume
 from brainmclip.data.nsd_paths import ROI_NAMES
@@ -50,20 +51,24 @@ def file_identity(path: Path, full_hash: bool) -> dict:
 
 def check_out(out: Path, identity: dict, force: bool) -> str:
     """'fresh', 'resume' or 'complete'; refuses a folder holding something else unless ``force``."""
-    if not out.exists() or not any(out.iterdir()):
+    if not output_entries(out):  # missing, empty, or holding only the lock of the running command
         return "fresh"
     same = json.loads(json.dumps(identity, sort_keys=True))
     manifest = out / "manifest.json"
-    if manifest.is_file():
-        existing = json.loads(manifest.read_text())
-        if existing.get("complete") and {k: existing.get(k) for k in same} == same and not force:
+    if manifest.is_file() and not force:
+        existing = _json_or_none(manifest)
+        if not isinstance(existing, dict):
+            raise InvalidInputError(f"{manifest}: truncated or corrupt (not a JSON object); rerun brainmclip prepare "
+                                    "with --force")
+        if existing.get("complete") and {k: existing.get(k) for k in same} == same:
             return "complete"
     work_identity = out / ".work" / "identity.json"
-    if work_identity.is_file() and json.loads(work_identity.read_text()) == same and not force:
+    # An unreadable identity (a cut write) cannot match: that work is not resumed.
+    if work_identity.is_file() and _json_or_none(work_identity) == same and not force:
         return "resume"
     known = {"manifest.json", "voxels.npz", ".work", ".staging", "train", "val", "test"}
     if not force:
-        if {p.name for p in out.iterdir()} <= known:
+        if {p.name for p in output_entries(out)} <= known:
             raise OutputInTheWayError(f"{out} holds a dataset prepared from other inputs or options; "
                                   "pass --force to replace it or choose another folder")
         raise OutputInTheWayError(f"{out} is not empty and is not a prepared dataset; choose another folder or pass --force")
@@ -74,6 +79,13 @@ def check_out(out: Path, identity: dict, force: bool) -> str:
         elif target.exists():
             target.unlink()
     return "fresh"
+
+
+def _json_or_none(path: Path):
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        return None
 
 
 def nsd_voxels(root: Path, subject: int, detail: str) -> tuple[VoxelSet, dict[str, Path]]:
@@ -149,7 +161,8 @@ def check_ids(ids: np.ndarray, n_images: int, path: Path) -> None:
     """Every NSD id in ``ids`` indexes a table of ``n_images`` rows read from ``path``."""
     if len(ids) and (ids.min() < 0 or ids.max() >= n_images):
         bad = ids[(ids < 0) | (ids >= n_images)][0]
-        raise InvalidInputError(f"{path}: has {n_images} images; NSD id {int(bad)} is outside it")
+        raise InvalidInputError(f"{path}: has {n_images} images; NSD id {int(bad)} is outside it (a truncated or "
+                                "wrong file?)")
 
 
 def check_curated_captions(path: Path, nsd_ids: np.ndarray | None = None) -> None:
@@ -232,5 +245,16 @@ def copy_nsd_stimuli(writer: PreparedWriter, stimuli: Path, split_ids: dict[str,
                               leave=False):
                 chunk = ids[start:start + IMAGE_CHUNK]
                 unique = np.unique(chunk)
-                out.write(to_uint8(brick[unique], stimuli, 1.0)[np.searchsorted(unique, chunk)])
+                out.write(to_uint8(_read_rows(brick, unique, stimuli), stimuli, 1.0)[np.searchsorted(unique, chunk)])
             out.close()
+
+
+def _read_rows(brick: h5py.Dataset, rows: np.ndarray, path: Path) -> np.ndarray:
+    """``brick[rows]``; h5py's error for a damaged chunk names no file, so name it here."""
+    try:
+        return brick[rows]
+    except OSError as exc:
+        if exc.errno is not None:
+            raise
+        raise InvalidInputError(f"{path}: truncated or corrupt HDF5 ({str(exc).splitlines()[0]}); "
+                                "re-download it") from None

@@ -10,6 +10,7 @@ import csv
 import gzip
 import json
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,8 @@ __all__ = [
 
 # The design covers 40 sessions for every subject; trials_per_session = len(masterordering) / 40.
 NSD_PLANNED_SESSIONS = 40
+# Bytes decompressed per read when running a .nii.gz to its end (memory stays at this).
+_DRAIN_BLOCK = 2**20
 
 
 def _require(path: Path, what: str) -> Path:
@@ -105,18 +108,35 @@ def read_expdesign(root: Path) -> ExpDesign:
 def read_stim_info(root: Path) -> dict[str, np.ndarray]:
     """Columns ``cocoId``, ``cocoSplit`` and ``shared1000`` of ``nsd_stim_info_merged.csv``, by NSD index."""
     path = _require(nsd_paths.stim_info_path(root), "NSD stimulus information")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"cocoId", "cocoSplit", "nsdId"} - set(reader.fieldnames or ())
-        if missing:
-            raise InvalidInputError(f"{path}: columns {sorted(missing)} missing; expected NSD's stim info columns")
-        rows = list(reader)
-    nsd_id = np.array([int(r["nsdId"]) for r in rows])
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = {"cocoId", "cocoSplit", "nsdId"} - set(reader.fieldnames or ())
+            if missing:
+                raise InvalidInputError(f"{path}: columns {sorted(missing)} missing; expected NSD's stim info columns")
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise InvalidInputError(f"{path}: not a readable CSV file ({exc}); re-download it") from None
+    # A cut file ends inside a row (no final newline), leaving a row with too few fields or a partial number.
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - 1))
+        if f.read(1) != b"\n":
+            raise InvalidInputError(f"{path}: truncated (its last line is incomplete); re-download it")
+    n_fields = len(reader.fieldnames)
+    for line, row in enumerate(rows, start=2):
+        if None in row or any(v is None for v in row.values()):
+            raise InvalidInputError(f"{path}: line {line} has {len(row) - (None in row)} of {n_fields} fields; "
+                                    "expected NSD's stim info rows (a truncated or damaged file?)")
+    try:
+        nsd_id = np.array([int(r["nsdId"]) for r in rows])
+        coco_id = [int(r["cocoId"]) for r in rows]
+    except ValueError as exc:
+        raise InvalidInputError(f"{path}: a non-integer nsdId or cocoId ({exc}); re-download it") from None
     order = np.argsort(nsd_id)
     if not np.array_equal(nsd_id[order], np.arange(len(rows))):
         raise InvalidInputError(f"{path}: nsdId is not 0..{len(rows) - 1}")
     return {
-        "cocoId": np.array([int(rows[i]["cocoId"]) for i in order]),
+        "cocoId": np.array([coco_id[i] for i in order]),
         "cocoSplit": np.array([rows[i]["cocoSplit"] for i in order]),
         "shared1000": np.array([rows[i].get("shared1000", "False") == "True" for i in order]),
     }
@@ -151,6 +171,8 @@ def read_curated_captions(path: Path, nsd_ids: np.ndarray) -> list[list[str]]:
 def read_roi_volume(root: Path, subject: int, roi: str) -> tuple[np.ndarray, np.ndarray]:
     """An ROI label volume (int) and its affine; checks NSD's label convention."""
     path = _require(nsd_paths.roi_path(root, subject, roi), f"ROI {roi} of subject {subject}")
+    if path.name.endswith(".gz"):
+        _verify_gzip(path)
     try:
         img = nib.load(path)
         data = np.asarray(img.dataobj)
@@ -164,6 +186,38 @@ def read_roi_volume(root: Path, subject: int, roi: str) -> tuple[np.ndarray, np.
     if extra:
         raise InvalidInputError(f"{path}: labels {sorted(extra)[:5]} outside {sorted(allowed)}")
     return labels, img.affine
+
+
+@contextmanager
+def _gzip_errors(path: Path, expected: str = ""):
+    """Turn what gzip and zlib raise for a damaged file into one error naming it (and what was expected)."""
+    tail = f"; {expected}" if expected else ""
+    try:
+        yield
+    except gzip.BadGzipFile as exc:
+        raise InvalidInputError(f"{path}: corrupt gzip ({exc}){tail}; re-download it") from None
+    except EOFError:
+        raise InvalidInputError(f"{path}: truncated gzip (the compressed data ends before its end marker){tail}; "
+                                "re-download it") from None
+    except (OSError, zlib.error) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise  # permission denied and the like: the operating system's message names the file
+        raise InvalidInputError(f"{path}: corrupt gzip data ({exc}){tail}; re-download it") from None
+
+
+def _drain(f) -> None:
+    """Read a gzip stream to its end in bounded blocks: gzip checks a member's CRC-32 and length only there."""
+    while f.read(_DRAIN_BLOCK):
+        pass
+
+
+def _verify_gzip(path: Path) -> None:
+    """Decompress ``path`` to its end so that every member's CRC-32 and length are checked.
+
+    nibabel reads only the bytes of the volume and stops before the trailer, where the check happens.
+    """
+    with _gzip_errors(path), gzip.open(path, "rb") as f:
+        _drain(f)
 
 
 def available_sessions(root: Path, subject: int, version: str) -> list[int]:
@@ -225,17 +279,17 @@ class _NiftiGzSession(BetasSession):
         n_vox = int(np.prod(self.grid_shape))
         block = n_vox * self.dtype.itemsize
         out = np.empty((self.n_trials, len(flat)), np.float32)
-        try:
-            with gzip.open(self.path, "rb") as f:
-                f.seek(int(self.header["vox_offset"]))
-                for t in range(self.n_trials):
-                    raw = f.read(block)
-                    if len(raw) != block:
-                        raise EOFError
-                    out[t] = np.frombuffer(raw, self.dtype)[flat]
-        except (EOFError, OSError, zlib.error):
-            raise InvalidInputError(f"{self.path}: truncated or corrupt; expected {self.n_trials} volumes of "
-                             f"{self.grid_shape} {self.dtype}") from None
+        expected = f"expected {self.n_trials} volumes of {self.grid_shape} {self.dtype}"
+        with _gzip_errors(self.path, expected), gzip.open(self.path, "rb") as f:
+            f.seek(int(self.header["vox_offset"]))
+            for t in range(self.n_trials):
+                raw = f.read(block)
+                if len(raw) != block:
+                    raise InvalidInputError(f"{self.path}: truncated; it ends in volume {t + 1}; {expected}; "
+                                            "re-download it")
+                out[t] = np.frombuffer(raw, self.dtype)[flat]
+            # What is left is normally only the trailer; reading it makes gzip verify the whole stream.
+            _drain(f)
         if self.slope != 1.0 or self.inter != 0.0:
             out = out * self.slope + self.inter
         out /= BETA_SCALE
@@ -268,11 +322,17 @@ class _Hdf5Session(BetasSession):
 
         i, j, k = np.asarray(voxel_ijk).T
         out = np.empty((self._n, len(i)), np.float32)
-        with h5py.File(self.path, "r") as f:
-            ds = f["betas"]
-            for start in range(0, self._n, 64):
-                block = ds[start:start + 64]
-                out[start:start + len(block)] = block[:, k, j, i]
+        try:
+            with h5py.File(self.path, "r") as f:
+                ds = f["betas"]
+                for start in range(0, self._n, 64):
+                    block = ds[start:start + 64]
+                    out[start:start + len(block)] = block[:, k, j, i]
+        except (OSError, KeyError) as exc:  # h5py's errors for damaged chunks carry no file name
+            if isinstance(exc, OSError) and exc.errno is not None:
+                raise
+            raise InvalidInputError(f"{self.path}: truncated or corrupt HDF5 ({str(exc).splitlines()[0]}); "
+                                    "re-download it") from None
         out /= BETA_SCALE
         return out
 

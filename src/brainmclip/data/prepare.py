@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from brainmclip import __version__
-from brainmclip.atomic import atomic_path, remove_stale_temporaries
+from brainmclip.atomic import atomic_path, locks_output, remove_stale_temporaries
 from brainmclip.data import nsd_paths
 from brainmclip.data.build_common import (
     check_curated_captions,
@@ -49,6 +49,7 @@ from brainmclip.data.nsd_official import (
 from brainmclip.data.nsd_paths import NSD_SESSIONS_PER_SUBJECT, check_subject
 from brainmclip.data.prepared import PREPARED_FORMAT, PreparedSubject, PreparedWriter, VoxelSet, load_prepared
 from brainmclip.errors import InvalidInputError, MissingInputError
+from brainmclip.integrity import check_npy_size, load_npy
 from brainmclip.paths import record_path
 
 __all__ = ["PrepareOptions", "prepare_subject", "NORMALIZATIONS", "TEST_SETS", "session_plan"]
@@ -187,6 +188,7 @@ def _short(values) -> str:
     return _ranges(list(values))
 
 
+@locks_output("out_dir")
 def prepare_subject(nsd_root, subject: int, out_dir, options: PrepareOptions | None = None, force: bool = False,
                     keep_work: bool = False, progress: bool = True, workers: int = 2) -> PreparedSubject:
     """Prepare one subject of an NSD tree into ``out_dir``; see :class:`PrepareOptions`.
@@ -241,7 +243,8 @@ def prepare_subject(nsd_root, subject: int, out_dir, options: PrepareOptions | N
     # 3. Sessions: read, check, normalise, keep. zlib and numpy release the GIL, so two
     # sessions in threads decompress on two cores (memory: two sessions).
     is_test = design.is_test_trial()
-    todo = [s for s in sessions if not (work / f"session_{s:02d}.npy").exists()]
+    todo = [s for s in sessions
+            if not _session_done(work / f"session_{s:02d}.npy", plan.trials_per_session, voxels.n_voxels)]
     job = partial(_prepare_session, root, subject, options, voxels, plan, is_test, work)
     bar = tqdm(total=len(sessions), initial=len(sessions) - len(todo), desc=f"subj{subject:02d} sessions",
                unit="session", disable=not progress)
@@ -293,6 +296,23 @@ def _prepare_session(root, subject, options, voxels, plan, is_test, work, sessio
     with atomic_path(work / f"session_{session:02d}.npy") as tmp, open(tmp, "wb") as f:
         np.save(f, betas)
     log.debug("session %02d: %s", session, reader.path)
+
+
+def _session_done(path: Path, n_trials: int, n_voxels: int) -> bool:
+    """Whether an earlier run left this session's betas complete; a damaged file is removed and read again."""
+    if not path.exists():
+        return False
+    try:
+        shape, dtype = check_npy_size(path, "reading the session again")
+    except InvalidInputError as exc:
+        log.warning("%s", exc)
+    else:
+        if shape == (n_trials, n_voxels) and dtype == np.float32:
+            return True
+        log.warning("%s: shape %s %s, expected (%d, %d) float32; reading the session again", path, shape, dtype,
+                    n_trials, n_voxels)
+    path.unlink()
+    return False
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -386,7 +406,7 @@ def _assemble(writer: PreparedWriter, work: Path, plan: SessionPlan, n_voxels: i
 
     # Accumulate each session's trials into their rows (sums; divided below).
     for session in tqdm(plan.sessions, desc="assembling", unit="session", disable=not progress):
-        betas = np.load(work / f"session_{session:02d}.npy", mmap_mode="r")
+        betas = load_npy(work / f"session_{session:02d}.npy", "rerun brainmclip prepare", mmap=True)
         base = position[session] * T
         for split in outputs:
             for t in range(T):

@@ -2,7 +2,7 @@
 
 On disk (a folder)::
 
-    manifest.json              options, input identities, code version, shapes; "complete": true last
+    manifest.json              options, input identities, code version, shapes, checksums; "complete": true last
     voxels.npz                 nsdgeneral mask, voxel (i, j, k), per-voxel ROI labels, voxel groups
     {train,val,test}/betas.npy          float32 (n_samples, n_voxels), memory-mapped on load
     {train,val,test}/stimulus_ids.npy   int64 (n_samples,), 0-based NSD index (-1 unknown)
@@ -11,7 +11,9 @@ On disk (a folder)::
     {train,val,test}/images.npy         uint8 (n_samples, H, W, 3), optional
 
 Files are staged in ``.staging/`` and moved into place by :meth:`PreparedWriter.commit`,
-which writes the manifest last: a folder without a complete manifest is never loaded.
+which writes the manifest last: a folder without a complete manifest is never loaded. The
+manifest's ``checksums`` (:mod:`brainmclip.integrity`) are verified by :func:`load_prepared`, so
+a damaged file fails with its name instead of feeding wrong numbers to a later stage.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 
 from brainmclip.atomic import read_manifest, write_json_atomic
 from brainmclip.errors import InvalidInputError
+from brainmclip.integrity import folder_checksums, load_npy, read_json, reading, verify_file
 from brainmclip.types import FmriSamples
 
 __all__ = ["PREPARED_FORMAT", "SPLITS", "VoxelSet", "PreparedSubject", "PreparedWriter", "load_prepared",
@@ -36,6 +39,8 @@ SPLITS = ("train", "val", "test")
 # BrainMCLIP's voxel groups (semantic: floc ROIs; detail: early visual plus floc) plus the two ROI families they
 # are built from.
 VOXEL_GROUPS = ("all", "low_level", "high_level", "semantic", "detail")
+# What to do about a damaged file of a prepared dataset.
+REPAIR_HINT = "rerun brainmclip prepare with --force"
 
 
 @dataclass(frozen=True)
@@ -80,8 +85,9 @@ class VoxelSet:
             np.savez(f, **arrays)
 
     @classmethod
-    def load(cls, path: Path) -> VoxelSet:
-        with np.load(path, allow_pickle=False) as data:
+    def load(cls, path: Path, hint: str = REPAIR_HINT) -> VoxelSet:
+        # Every array is read here, inside the check: a damaged member (zip CRC, short data) names the file.
+        with reading(path, "a voxels .npz archive", hint), np.load(path, allow_pickle=False) as data:
             ijk = data["voxel_ijk"] if "voxel_ijk" in data.files else None
             grid = tuple(int(v) for v in data["grid_shape"]) if "grid_shape" in data.files else None
             return cls(int(data["n_voxels"]), grid, ijk,
@@ -159,24 +165,34 @@ def _ranges(values) -> str:
 
 
 def load_prepared(path: str | os.PathLike, images: bool = True) -> PreparedSubject:
-    """Open a prepared dataset; arrays are memory-mapped, not read whole."""
+    """Open a prepared dataset; arrays are memory-mapped, not read whole.
+
+    Every file is checked against the manifest's checksums (datasets written before checksums
+    were recorded get the size checks of :func:`brainmclip.integrity.load_npy` only).
+    """
     root = Path(path)
     manifest = read_manifest(root, PREPARED_FORMAT, "a prepared dataset", "prepare")
+    sums = manifest.get("checksums") or {}
+
+    def npy(name: str, mmap: bool = False) -> np.ndarray:
+        return load_npy(root / name, REPAIR_HINT, mmap, sums.get(name))
+
+    verify_file(root / "voxels.npz", sums.get("voxels.npz"), REPAIR_HINT)
     voxels = VoxelSet.load(root / "voxels.npz")
     splits = {}
     for split in SPLITS:
         folder = root / split
-        betas = np.load(folder / "betas.npy", mmap_mode="r")
-        if betas.shape[1] != voxels.n_voxels:
-            raise InvalidInputError(f"{folder / 'betas.npy'}: {betas.shape[1]} voxels; voxels.npz describes "
-                                    f"{voxels.n_voxels}")
+        betas = npy(f"{split}/betas.npy", mmap=True)
+        if betas.ndim != 2 or betas.shape[1] != voxels.n_voxels:
+            raise InvalidInputError(f"{folder / 'betas.npy'}: shape {betas.shape}; voxels.npz describes "
+                                    f"{voxels.n_voxels} voxels")
         image_file = folder / "images.npy"
         splits[split] = FmriSamples(
             betas=betas,
-            stimulus_ids=np.load(folder / "stimulus_ids.npy"),
-            trial_ids=np.load(folder / "trial_ids.npy"),
-            images=np.load(image_file, mmap_mode="r") if images and image_file.exists() else None,
-            captions=json.loads((folder / "captions.json").read_text()),
+            stimulus_ids=npy(f"{split}/stimulus_ids.npy"),
+            trial_ids=npy(f"{split}/trial_ids.npy"),
+            images=npy(f"{split}/images.npy", mmap=True) if images and image_file.exists() else None,
+            captions=read_json(folder / "captions.json", REPAIR_HINT, sums.get(f"{split}/captions.json")),
             subject=int(manifest["subject"]),
             split=split,
         )
@@ -253,7 +269,8 @@ class PreparedWriter:
         self.save_json(f"{split}/captions.json", [list(c) for c in captions])
 
     def commit(self, manifest: dict) -> None:
-        """Flush, move every staged file into place, then write the complete manifest."""
+        """Flush, move every staged file into place, then write the complete manifest with their checksums."""
+        checksums = folder_checksums(self.staging)
         old_manifest = self.out / "manifest.json"
         old_manifest.unlink(missing_ok=True)  # from here until the end the folder reads as incomplete
         for path in sorted(self.staging.rglob("*")):
@@ -265,4 +282,5 @@ class PreparedWriter:
             if (self.out / split / "images.npy").exists() and not manifest.get("images", True):
                 (self.out / split / "images.npy").unlink()
         shutil.rmtree(self.staging)
-        write_json_atomic(old_manifest, {**manifest, "format": PREPARED_FORMAT, "complete": True})
+        write_json_atomic(old_manifest, {**manifest, "format": PREPARED_FORMAT, "checksums": checksums,
+                                         "complete": True})

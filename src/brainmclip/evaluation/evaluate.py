@@ -23,7 +23,7 @@ import numpy as np
 from scipy import stats
 
 from brainmclip import __version__
-from brainmclip.atomic import write_bytes_atomic, write_json_atomic
+from brainmclip.atomic import locks_output, write_bytes_atomic, write_json_atomic
 from brainmclip.data.prepared import load_prepared
 from brainmclip.errors import InvalidInputError, MissingInputError
 from brainmclip.evaluation.metric_table import METRIC_TABLE, METRICS
@@ -94,6 +94,7 @@ def _retrieval(pred_dir: Path, features: Path | None, seed: int) -> dict:
                              seed=seed)
 
 
+@locks_output()
 def evaluate_reconstructions(recon_dirs, out, protocol=None, clip_model: str = "openai/clip-vit-large-patch14",
                              weights_dir=None, allow_random: bool = False, n_boot: int = 1000, seed: int = 0,
                              batch_size: int = 32, networks=None, truth_cache: dict | None = None,
@@ -274,6 +275,7 @@ def format_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@locks_output()
 def make_report(eval_dir, out, title: str = "brainmclip reconstructions", debug_image_check: bool = False,
                 analyses=()) -> Path:
     """An HTML report (grids, metric table with intervals, retrieval, training curves) from an evaluation folder.

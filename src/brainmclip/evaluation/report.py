@@ -5,9 +5,12 @@ evaluation computed anything) and writes a self-contained folder::
 
     out_dir/index.html          inline CSS, no scripts, no external fonts, relative links only
     out_dir/figures/*.png       per-subject reconstruction grids and training curves
+    out_dir/.brainmclip-report.json   marks the folder as a report and lists the files above
 
 The folder is built in a hidden sibling directory and renamed into place, so a reader sees the
-old report or the new one, never half of one.
+old report or the new one, never half of one. Only a folder carrying that marker (and nothing the
+marker does not list), an empty folder or no folder at all is replaced; any other ``out_dir`` is
+refused untouched, so a mistyped ``--out`` cannot delete an evaluation or any other folder.
 
 ``runs`` are :class:`ReportRun` objects: one (subject, method) evaluation
 (:class:`~brainmclip.types.RunEvaluation`) with what the page shows of it (reconstruction PNGs, ground
@@ -32,12 +35,14 @@ from pathlib import Path
 
 import numpy as np
 
-from brainmclip.errors import InvalidInputError, MissingInputError
+from brainmclip import __version__
+from brainmclip.atomic import LOCK_FILE, output_entries
+from brainmclip.errors import InvalidInputError, MissingInputError, OutputInTheWayError
 from brainmclip.evaluation.metric_table import METRIC_TABLE, canonical_metric, format_interval, format_metric
 from brainmclip.evaluation.retrieval import INTERVAL
 from brainmclip.types import RunEvaluation
 
-__all__ = ["ReportRun", "write_report", "read_tensorboard_scalars", "format_metric"]
+__all__ = ["ReportRun", "write_report", "check_report_out", "REPORT_MARKER", "read_tensorboard_scalars", "format_metric"]
 
 log = logging.getLogger(__name__)
 
@@ -566,19 +571,76 @@ def _validate(runs: Sequence[ReportRun]) -> None:
         seen.add(key)
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move the finished folder ``tmp`` to ``final``; an existing report is swapped out, then removed."""
-    if not final.exists():
-        os.replace(tmp, final)
+#: Written into every report folder: says the folder is a report this code wrote, and which files it holds.
+REPORT_MARKER = ".brainmclip-report.json"
+REPORT_FORMAT = "brainmclip-report/1"
+#: Files an operating system's file browser drops into folders it shows; they never make a report "not ours".
+_OS_METADATA = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+
+
+def _report_files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def check_report_out(out_dir) -> None:
+    """Refuse an ``out_dir`` that a report may not replace; return quietly if it is free or a report of ours.
+
+    Free: absent, or an empty folder. Replaceable: a folder holding :data:`REPORT_MARKER` (written by
+    :func:`write_report`) and no files besides the ones that marker lists. Anything else (a file, a link,
+    an evaluation folder, a report someone added files to) raises :class:`OutputInTheWayError`; nothing is
+    moved or deleted.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise OutputInTheWayError(f"--out {out_dir}: exists and is not a folder; a report is a folder "
+                                  "(index.html + figures/); choose another --out")
+    if not out_dir.exists() or not output_entries(out_dir):
         return
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if old.exists():
-        shutil.rmtree(old)
-    os.replace(final, old)
+    marker = out_dir / REPORT_MARKER
     try:
-        os.replace(tmp, final)
+        recorded = json.loads(marker.read_text()) if marker.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        recorded = None
+    if not isinstance(recorded, dict) or recorded.get("format") != REPORT_FORMAT:
+        raise OutputInTheWayError(f"--out {out_dir}: a folder that is not a report written by brainmclip report "
+                                  f"(no {REPORT_MARKER}); it is left as it is: choose a new or empty folder")
+    ours = {REPORT_MARKER, LOCK_FILE, *recorded.get("files", [])}
+    foreign = [f for f in _report_files(out_dir) if f not in ours and Path(f).name not in _OS_METADATA]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise OutputInTheWayError(f"--out {out_dir}: this report folder also holds files brainmclip report did not "
+                                  f"write ({shown}); move them or choose another --out")
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move the finished folder ``tmp`` to ``final``; a previous report of ours is swapped out, then removed.
+
+    ``final`` is checked again here (it may have changed while the report was built): only an absent or
+    empty folder, or a report this code wrote, is replaced.
+    """
+    check_report_out(final)
+    lock = final / LOCK_FILE
+    moved_lock = lock.exists()
+    if moved_lock:
+        # The output lock held on ``final`` moves into the new folder (a rename keeps the locked file).
+        os.replace(lock, tmp / LOCK_FILE)
+    try:
+        if final.is_dir() and not any(final.iterdir()):
+            final.rmdir()  # an empty folder: renaming onto it is not portable
+        if not final.exists():
+            os.replace(tmp, final)
+            return
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, old)  # onto the fresh empty folder: POSIX rename replaces an empty directory
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(old, final)
+            raise
     except BaseException:
-        os.replace(old, final)
+        if moved_lock and (tmp / LOCK_FILE).exists():
+            final.mkdir(exist_ok=True)
+            os.replace(tmp / LOCK_FILE, lock)
         raise
     shutil.rmtree(old, ignore_errors=True)
 
@@ -600,6 +662,7 @@ def write_report(out_dir, runs: Sequence[ReportRun], title: str = "BrainMCLIP re
     _validate(runs)
     published = list(published or [])
     out_dir = Path(out_dir).absolute()
+    check_report_out(out_dir)  # before any work: a folder that is not ours is never touched
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -624,6 +687,8 @@ def write_report(out_dir, runs: Sequence[ReportRun], title: str = "BrainMCLIP re
             shown.append(a)
         page = _render_html(title, runs, published, figures, debug_image_check, clip_label, notes, shown)
         (tmp / "index.html").write_text(page, encoding="utf-8")
+        marker = {"format": REPORT_FORMAT, "title": title, "files": _report_files(tmp), "code_version": __version__}
+        (tmp / REPORT_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         _replace_dir(tmp, out_dir)
     except BaseException:

@@ -3,7 +3,8 @@
 Images are keyed by NSD id and extracted once even when several subjects share them. The
 missing ids are cut into shards; with ``accelerate launch`` (or ``torchrun``) each process
 takes every n-th shard, so an image set splits across GPUs of one machine. A rerun extracts
-only what is missing.
+only what is missing, including the images of shards found damaged (cut short or not matching
+their recorded checksums), which it removes first.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from brainmclip.atomic import locks_output
 from brainmclip.data.prepared import PreparedSubject, load_prepared
 from brainmclip.errors import InvalidInputError
 from brainmclip.features.clip_extractor import ClipFeatureExtractor
@@ -84,6 +86,7 @@ class ExtractResult:
         ])
 
 
+@locks_output()
 def extract_features(prepared_paths: Sequence[str | Path], out: str | Path, model: str = "openai/clip-vit-large-patch14",
                      detail_layers: Sequence[int] = tuple(range(11, 21)), semantic_layer: int = 24,
                      merge: str = "project-then-average", batch_size: int = 32, shard_size: int = 256,
@@ -104,6 +107,7 @@ def extract_features(prepared_paths: Sequence[str | Path], out: str | Path, mode
     if accelerator.is_main_process:
         store = FeatureStore.create(out, settings)
         store.remove_stale_shards()
+        store.remove_damaged_shards()  # their images count as missing below and are extracted again
     accelerator.wait_for_everyone()
     store = FeatureStore.create(out, settings)
     requested = source.ids()

@@ -2,7 +2,8 @@
 
 Layout::
 
-    STORE/manifest.json                    settings (model, layers, merge, preprocessing, dims), code version
+    STORE/manifest.json                    settings (model, layers, merge, preprocessing, dims), code version,
+                                           checksums of every shard file (recorded by :meth:`FeatureStore.finish`)
     STORE/shards/shard_<first id>/ids.npy  int64 (n,), NSD image ids of the shard's rows
     STORE/shards/shard_<first id>/<target>.npy   float16 (n, tokens, embed_dim), memory-mapped on read
 
@@ -11,24 +12,35 @@ Targets: ``image_detail`` (e_I,D, 257 tokens), ``image_semantic`` (e_I,S, 257 to
 stored once. A shard is written into a hidden temporary folder and renamed when complete, so
 an interrupted extraction never leaves a shard that reads as finished. A store refuses to
 take features computed with other settings.
+
+Every shard file read is checked: its size against its ``.npy`` header, and against the checksum
+the manifest records for it (:mod:`brainmclip.integrity`). ``extract`` removes shards that fail
+these checks before it looks for missing images, so rerunning it repairs a damaged store.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from brainmclip.atomic import TEMP_MARKER, read_manifest, stage_arrays, write_json_atomic
+from brainmclip.atomic import TEMP_MARKER, output_entries, read_manifest, stage_arrays, write_json_atomic
 from brainmclip.errors import InvalidInputError, OutputInTheWayError
+from brainmclip.integrity import folder_checksums, load_npy, read_json
 
 __all__ = ["FeatureStore", "STORE_FORMAT", "TARGETS", "open_feature_store"]
 
+log = logging.getLogger("brainmclip.extract")
+
 STORE_FORMAT = "brainmclip-clip-features/1"
 TARGETS = ("image_detail", "image_semantic", "text")
+# What to do about a damaged shard: extract finds it and computes it again.
+REPAIR_HINT = "rerun brainmclip extract to compute it again"
+SHARD_FILES = ("ids.npy", *(f"{t}.npy" for t in TARGETS))
 
 
 class FeatureStore:
@@ -48,14 +60,17 @@ class FeatureStore:
         manifest_file = root / "manifest.json"
         settings = json.loads(json.dumps(settings))  # as JSON will give it back
         if manifest_file.is_file():
-            manifest = json.loads(manifest_file.read_text())
+            manifest = read_json(manifest_file, f"remove {root} and run brainmclip extract again")
+            if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:
+                raise InvalidInputError(f"{manifest_file}: not a feature store manifest (format "
+                                        f"{STORE_FORMAT!r}); choose another --out")
             if manifest.get("settings") != settings:
                 diff = sorted(k for k in set(settings) | set(manifest.get("settings", {}))
                               if settings.get(k) != manifest.get("settings", {}).get(k))
                 raise InvalidInputError(f"{root} holds features made with other settings (differing: {', '.join(diff)}); "
                                  "use another --out (features from different settings are never mixed)")
             return cls(root, manifest)
-        if root.exists() and any(root.iterdir()):
+        if output_entries(root):
             raise OutputInTheWayError(f"{root} is not empty and is not a feature store; choose another --out")
         from brainmclip import __version__
 
@@ -76,7 +91,7 @@ class FeatureStore:
         if self._index is None:
             index: dict[int, tuple[str, int]] = {}
             for shard in self._shard_dirs():
-                for row, nsd_id in enumerate(np.load(shard / "ids.npy").tolist()):
+                for row, nsd_id in enumerate(self._load(shard.name, "ids.npy", mmap=False).tolist()):
                     index[nsd_id] = (shard.name, row)
             self._index = index
         return self._index
@@ -111,10 +126,49 @@ class FeatureStore:
         return final
 
     def finish(self) -> None:
-        """Record the number of stored images in the manifest (after all writers are done)."""
+        """Record the number of stored images and the new shards' checksums in the manifest (after all writers
+        are done).
+
+        Entries already recorded stay: :meth:`remove_damaged_shards` has verified them, and a shard is never
+        rewritten under the same name without being removed first.
+        """
         self._index = None
         self.manifest["n_images"] = len(self)
+        recorded = self.manifest.get("checksums", {})
+        for shard in self._shard_dirs():
+            names = [f"shards/{shard.name}/{f}" for f in SHARD_FILES]
+            new = [n for n in names if n not in recorded]
+            if new:
+                recorded.update(folder_checksums(self.root, new))
+        self.manifest["checksums"] = dict(sorted(recorded.items()))
         write_json_atomic(self.root / "manifest.json", self.manifest)
+
+    def remove_damaged_shards(self) -> int:
+        """Delete shards whose files fail their checks (and forget checksums of shards that are gone).
+
+        Their images then count as missing, so the extraction that follows computes them again. Returns
+        how many shards were removed. Only one process may call this, before the others open the store.
+        """
+        recorded = self.manifest.get("checksums", {})
+        removed = 0
+        for shard in self._shard_dirs():
+            try:
+                n_rows = {self._load(shard.name, f, mmap=True).shape[:1] for f in SHARD_FILES}
+                if len(n_rows) != 1:
+                    raise InvalidInputError(f"{shard}: files of different row counts {sorted(n_rows)}; expected "
+                                            "one row per id in each")
+            except (InvalidInputError, FileNotFoundError) as exc:
+                log.warning("%s; removing the shard, its images are extracted again", str(exc).splitlines()[0])
+                self._maps = {k: v for k, v in self._maps.items() if k[0] != shard.name}
+                shutil.rmtree(shard)
+                removed += 1
+        present = {f"shards/{p.name}/" for p in self._shard_dirs()}
+        kept = {k: v for k, v in recorded.items() if k[: k.rfind("/") + 1] in present}
+        if "checksums" in self.manifest and kept != recorded:
+            self.manifest["checksums"] = kept
+            write_json_atomic(self.root / "manifest.json", self.manifest)
+        self._index = None
+        return removed
 
     def remove_stale_shards(self) -> int:
         """Delete temporaries of interrupted shard writes; returns how many."""
@@ -125,10 +179,15 @@ class FeatureStore:
         return len(stale)
 
     # -- reading --------------------------------------------------------------------
+    def _load(self, shard: str, name: str, mmap: bool) -> np.ndarray:
+        """One shard file, checked against its recorded checksum and its own header."""
+        rel = f"shards/{shard}/{name}"
+        return load_npy(self.root / rel, REPAIR_HINT, mmap, self.manifest.get("checksums", {}).get(rel))
+
     def _array(self, shard: str, target: str) -> np.ndarray:
         key = (shard, target)
         if key not in self._maps:
-            self._maps[key] = np.load(self.root / "shards" / shard / f"{target}.npy", mmap_mode="r")
+            self._maps[key] = self._load(shard, f"{target}.npy", mmap=True)
         return self._maps[key]
 
     def get(self, ids, targets=TARGETS, dtype=np.float32) -> dict[str, np.ndarray]:

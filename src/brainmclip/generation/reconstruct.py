@@ -1,9 +1,21 @@
 """``reconstruct``: predicted embeddings (any method) to one PNG per test image with Versatile Diffusion.
 
-Each image gets its own seeded generator (seed, NSD id, sample k), so pixels do not depend on
-batching or on which images a resumed run still had to make. A PNG appears under its final
-name only once written; a rerun with the same settings makes only the missing ones. With
-``samples`` > 1 the candidate whose CLIP image embedding is closest to the predicted Ê_I is
+Each image gets its own seeded generator (seed, NSD id, sample k). Images are made in batches of
+``batch_size`` consecutive test images; for a given batch size the pixels are always the same, also
+after an interrupted run resumes (a batch that was cut short is made again whole, so each image is
+computed in the same company as in an uninterrupted run, and only its missing PNGs are written).
+Across batch sizes a few pixels may differ by one intensity level: batched matrix products round
+differently from single ones. ``batch_size=1`` makes every image on its own.
+
+The manifest records the identity of everything that decides the pixels: the content of the
+prediction arrays, of the generator's and the CLIP's files, every pixel-changing option, init
+images, best-of-N targets and the device's number format. A rerun with the same identity makes
+only the missing images; a different identity is refused unless ``force``, which first removes the
+PNGs the folder's manifest lists (only files this code wrote) and then makes every image again.
+Each image's record is written to the manifest before its PNG, and a resumed run keeps only the
+records whose PNG exists, so the final manifest lists every image exactly once.
+
+With ``samples`` > 1 the candidate whose CLIP image embedding is closest to the predicted Ê_I is
 kept (best-of-N); candidates are embedded exactly as the predictions' targets were (the feature
 store's layers and merge, and the fused or single-path target the decoder learned), so both
 sides of the comparison live in one space. Predictions without Ê_I (a text-only decoder) are
@@ -12,8 +24,10 @@ generated from VD's text condition alone.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,13 +38,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from brainmclip import __version__
-from brainmclip.atomic import atomic_path, read_manifest, remove_stale_temporaries, write_json_atomic
+from brainmclip.atomic import atomic_path, locks_output, read_manifest, remove_stale_temporaries, write_json_atomic
 from brainmclip.errors import InvalidInputError, MissingInputError, OutputInTheWayError
 from brainmclip.models.predictions import load_predictions
 from brainmclip.paths import record_path, resolve_path
 from brainmclip.types import GeneratedImages
 
-__all__ = ["ReconstructOptions", "reconstruct", "load_reconstructions", "image_seed"]
+__all__ = ["ReconstructOptions", "reconstruct", "reconstruction_identity", "load_reconstructions", "image_seed"]
 
 log = logging.getLogger("brainmclip.reconstruct")
 RECON_FORMAT = "brainmclip-reconstructions/1"
@@ -69,6 +83,8 @@ class ReconstructOptions:
             raise InvalidInputError("samples, steps and batch_size must be positive")
         if not 0 <= self.text_weight <= 1:
             raise InvalidInputError(f"text_weight={self.text_weight}; expected a share in [0, 1]")
+        if not np.isfinite(self.guidance_scale):
+            raise InvalidInputError(f"guidance_scale={self.guidance_scale}; expected a finite number")
 
 
 def image_seed(seed: int, nsd_id: int, sample: int) -> int:
@@ -84,8 +100,8 @@ def _load_generator(name: str, device, dtype):
     from brainmclip.generation.versatile_diffusion import load_versatile_diffusion, tiny_versatile_diffusion
 
     if name == "tiny":
-        return tiny_versatile_diffusion().to(device=device, dtype=dtype), {"generator": "random:tiny"}
-    return load_versatile_diffusion(name, device=device, dtype=dtype), {"generator": name}
+        return tiny_versatile_diffusion().to(device=device, dtype=dtype)
+    return load_versatile_diffusion(name, device=device, dtype=dtype)
 
 
 def _check_predictions(pred, embed_dim: int, path: Path, image_tokens: int | None, text_tokens: int | None) -> None:
@@ -101,12 +117,14 @@ def _check_predictions(pred, embed_dim: int, path: Path, image_tokens: int | Non
                              f"(n, {want[0]}, {want[1]})")
 
 
+@locks_output()
 def reconstruct(pred_dir, out, options: ReconstructOptions | None = None, force: bool = False,
                 progress: bool = True) -> GeneratedImages:
-    """Reconstruct every image of a prediction folder into ``out`` (one PNG each, plus a manifest)."""
-    from brainmclip.features.clip_extractor import ClipFeatureExtractor
-    from brainmclip.features.clip_models import load_clip
+    """Reconstruct every image of a prediction folder into ``out`` (one PNG each, plus a manifest).
 
+    A folder made with the same identity (see the module's description) is resumed; one made with
+    another is refused unless ``force``.
+    """
     start = time.perf_counter()
     options = options or ReconstructOptions()
     pred_dir, out = Path(pred_dir), Path(out)
@@ -114,23 +132,66 @@ def reconstruct(pred_dir, out, options: ReconstructOptions | None = None, force:
     if pred.image is None and options.samples > 1:
         raise InvalidInputError(f"{pred_dir}: best-of-N (samples={options.samples}) compares candidates with the predicted "
                          "image embedding, and these text-only predictions have none; use samples=1")
-    settings = {"options": asdict(options), "predictions": record_path(pred_dir, out),
-                "predictions_manifest": pred.manifest.get("run"), "method": pred.method, "subject": pred.subject}
-    manifest_file = out / "manifest.json"
-    if manifest_file.exists():
-        previous = json.loads(manifest_file.read_text())
-        if not _same_settings(previous.get("settings"), settings, out) and not force:
-            raise OutputInTheWayError(f"{out} holds reconstructions made with other settings; pass --force or choose "
-                                  "another --out")
-    elif out.exists() and any(p.suffix == ".png" for p in out.iterdir()) and not force:
-        raise OutputInTheWayError(f"{out} holds PNGs without a manifest; choose another --out or pass --force")
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
-
+    ids = np.asarray(pred.stimulus_ids)
+    if len(np.unique(ids)) != len(ids):
+        raise InvalidInputError(f"{pred_dir}/stimulus_ids.npy: repeated NSD ids; expected one prediction per image "
+                                "(their PNGs would overwrite each other)")
     # bf16 on GPU only: bf16 matmuls are very slow on most CPUs.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    generator, identity = _load_generator(options.generator, device, dtype)
+    settings = {"options": asdict(options), "predictions": record_path(pred_dir, out),
+                "predictions_manifest": pred.manifest.get("run"), "method": pred.method, "subject": pred.subject}
+    previous = _previous_manifest(out)
+    identity = reconstruction_identity(pred, pred_dir, options, device, dtype)
+    records: dict[str, dict] = {}
+    if previous is not None and previous.get("identity") != identity and not force:
+        raise OutputInTheWayError(f"{out} holds reconstructions made from other inputs or settings (differing: "
+                                  f"{', '.join(_differences(previous.get('identity'), identity))}); pass --force to "
+                                  "replace them or choose another --out")
+    if force:
+        _remove_previous(out, previous)
+    elif previous is None and out.is_dir() and any(_is_output_png(p) for p in out.iterdir()):
+        raise OutputInTheWayError(f"{out} holds PNGs without a reconstruction manifest; choose another --out or pass "
+                                  "--force to overwrite them")
+    else:
+        # Records are written before their PNGs: keep those whose PNG made it to disk.
+        wanted = set(ids.tolist())
+        records = {key: value for key, value in (previous or {}).get("images", {}).items()
+                   if _record_key(key) in wanted and (out / _png_name(_record_key(key))).is_file()}
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+
+    done = {int(key) for key in records}
+    chunks = [list(range(b, min(b + options.batch_size, len(ids)))) for b in range(0, len(ids), options.batch_size)]
+    chunks = [rows for rows in chunks if any(int(ids[r]) not in done for r in rows)]
+    n_new = sum(int(ids[r]) not in done for rows in chunks for r in rows)
+
+    def write_manifest(complete: bool, size: int, **extra) -> None:
+        write_json_atomic(out / "manifest.json", {
+            "format": RECON_FORMAT, "settings": settings, "identity": identity,
+            "generator": {"generator": options.generator, "clip": options.clip},
+            "size": size, "complete": complete, "images": records, "code_version": __version__, **extra})
+
+    if not chunks and previous is not None and previous.get("complete") and records == previous.get("images") \
+            and _without_batch_size(previous.get("settings")) == _without_batch_size(settings):
+        log.info("%s: all %d images already made with these inputs and settings", out, len(ids))
+        return load_reconstructions(out)  # nothing to do: the folder is left exactly as it is
+    size = options.size or (previous or {}).get("size")
+    if chunks:
+        size = _generate(pred, pred_dir, out, options, ids, chunks, done, records, device, dtype, write_manifest,
+                         progress)
+    write_manifest(True, size, n_images=len(ids), seconds=round(time.perf_counter() - start, 2), new_images=n_new)
+    log.info("reconstructed %d images (%d new) into %s", len(ids), n_new, out)
+    return load_reconstructions(out)
+
+
+def _generate(pred, pred_dir: Path, out: Path, options: ReconstructOptions, ids: np.ndarray, chunks: list[list[int]],
+              done: set[int], records: dict, device, dtype, write_manifest, progress: bool) -> int:
+    """Make the images of ``chunks`` (lists of rows), writing the missing ones; returns the output size."""
+    from brainmclip.features.clip_extractor import ClipFeatureExtractor
+    from brainmclip.features.clip_models import load_clip
+
+    generator = _load_generator(options.generator, device, dtype)
     needs_clip = options.uncond == "clip" or options.samples > 1
     extractor = None
     if needs_clip:
@@ -147,22 +208,16 @@ def reconstruct(pred_dir, out, options: ReconstructOptions | None = None, force:
                        extractor and extractor.towers.context_length)
     uncond_image = uncond_text = None
     if options.uncond == "clip":
-        size = extractor.image_size
-        grey = np.full((1, size, size, 3), 128, np.uint8)
+        grey = np.full((1, extractor.image_size, extractor.image_size, 3), 128, np.uint8)
         uncond_image = _last_layer_tokens(extractor, grey)[0]
         uncond_text = extractor.encode_texts([""])[0]
     size = options.size or generator.image_unet.config.sample_size * generator.vae_scale_factor
-    previous_images = (json.loads(manifest_file.read_text()).get("images", {}) if manifest_file.exists() else {})
-    write_json_atomic(manifest_file, {"format": RECON_FORMAT, "settings": settings, "generator": identity,
-                                      "size": size, "complete": False, "images": previous_images,
-                                      "code_version": __version__})
+    write_manifest(False, size)
 
-    ids = np.asarray(pred.stimulus_ids)
-    todo = [i for i, nsd_id in enumerate(ids) if not (out / _png_name(nsd_id)).exists()]
-    records = dict(previous_images)
-    bar = tqdm(total=len(ids), initial=len(ids) - len(todo), desc="reconstruct", unit="img", disable=not progress)
-    for b in range(0, len(todo), options.batch_size):
-        rows = todo[b:b + options.batch_size]
+    bar = tqdm(total=len(ids), initial=len(done), desc="reconstruct", unit="img", disable=not progress)
+    for rows in chunks:
+        # The whole batch is made even when part of it was written before an interruption: batched
+        # arithmetic rounds by batch composition, and this keeps every image as an uninterrupted run makes it.
         image = torch.as_tensor(np.asarray(pred.image[rows], np.float32)).to(device, dtype) \
             if pred.image is not None else None
         text = torch.as_tensor(np.asarray(pred.text[rows], np.float32)).to(device, dtype) if pred.text is not None \
@@ -179,22 +234,162 @@ def reconstruct(pred_dir, out, options: ReconstructOptions | None = None, force:
                 strength=options.strength, height=size, width=size))
         chosen, scores = _choose(candidates, pred.image[rows] if pred.image is not None else None, extractor,
                                  _branches(pred, pred_dir))
-        for j, r in enumerate(rows):
-            pixels = candidates[chosen[j]][j]
-            with atomic_path(out / _png_name(ids[r])) as tmp:
-                Image.fromarray(pixels).save(tmp, format="PNG")
-            records[str(int(ids[r]))] = {"sample": int(chosen[j]), "scores": [round(float(s), 6) for s in scores[j]],
-                                         "seed": image_seed(options.seed, ids[r], int(chosen[j]))}
+        missing = [j for j, r in enumerate(rows) if int(ids[r]) not in done]
+        for j in missing:
+            records[str(int(ids[rows[j]]))] = {"sample": int(chosen[j]),
+                                               "scores": [round(float(s), 6) for s in scores[j]],
+                                               "seed": image_seed(options.seed, ids[rows[j]], int(chosen[j])),
+                                               "batch_size": options.batch_size}
+        write_manifest(False, size)  # records first: a record without its PNG is dropped when resuming
+        for j in missing:
+            with atomic_path(out / _png_name(ids[rows[j]])) as tmp:
+                Image.fromarray(candidates[chosen[j]][j]).save(tmp, format="PNG")
+            done.add(int(ids[rows[j]]))
             bar.update(1)
-        write_json_atomic(manifest_file, {"format": RECON_FORMAT, "settings": settings, "generator": identity,
-                                          "size": size, "complete": False, "images": records,
-                                          "code_version": __version__})
     bar.close()
-    write_json_atomic(manifest_file, {"format": RECON_FORMAT, "settings": settings, "generator": identity,
-                                      "size": size, "complete": True, "images": records, "n_images": len(ids),
-                                      "seconds": round(time.perf_counter() - start, 2), "code_version": __version__})
-    log.info("reconstructed %d images (%d new) into %s", len(ids), len(todo), out)
-    return load_reconstructions(out)
+    return size
+
+
+_PNG_NAME = re.compile(r"nsd\d{5,}\.png")
+
+
+def _is_output_png(path: Path) -> bool:
+    return bool(_PNG_NAME.fullmatch(path.name))
+
+
+def _record_key(key) -> int | None:
+    try:
+        return int(key)
+    except (TypeError, ValueError):
+        return None
+
+
+def _previous_manifest(out: Path) -> dict | None:
+    """The reconstruction manifest already in ``out`` (None if there is none); refuses anything else."""
+    if out.exists() and not out.is_dir():
+        raise OutputInTheWayError(f"--out {out}: exists and is not a folder; choose another --out")
+    manifest_file = out / "manifest.json"
+    if not manifest_file.exists():
+        return None
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != RECON_FORMAT:
+        kind = manifest.get("format") if isinstance(manifest, dict) else "unreadable"
+        raise OutputInTheWayError(f"--out {out}: holds a manifest.json that is not a reconstruction manifest "
+                                  f"({kind!r}), so it is some other output; choose another --out")
+    return manifest
+
+
+def _without_batch_size(settings: dict | None) -> dict | None:
+    """Settings less the batch size, which each image's record keeps for itself."""
+    if not isinstance(settings, dict):
+        return None
+    return {**settings, "options": {k: v for k, v in settings.get("options", {}).items() if k != "batch_size"}}
+
+
+def _remove_previous(out: Path, previous: dict | None) -> None:
+    """Remove the PNGs a previous manifest lists; the manifest itself is replaced by the next write."""
+    for key in (previous or {}).get("images", {}):
+        nsd_id = _record_key(key)
+        if nsd_id is not None:
+            (out / _png_name(nsd_id)).unlink(missing_ok=True)
+
+
+def _differences(previous: dict | None, current: dict) -> list[str]:
+    """Names of the identity entries that differ (for the refusal message)."""
+    if not isinstance(previous, dict):
+        return ["no identity recorded (made by an older brainmclip)"]
+    differing = []
+    for key in sorted(set(previous) | set(current)):
+        a, b = previous.get(key), current.get(key)
+        if key == "options" and isinstance(a, dict) and isinstance(b, dict):
+            differing += [name for name in sorted(set(a) | set(b)) if a.get(name) != b.get(name)]
+        elif a != b:
+            differing.append(key)
+    return differing or ["identity"]
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file; a Hugging Face cache link names its blob by content hash, which is used as it is."""
+    target = path.resolve()
+    if path.is_symlink() and re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", target.name):
+        return target.name
+    digest = hashlib.sha256()
+    with open(target, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_MODEL_FILES = (".json", ".txt", ".safetensors", ".bin", ".model")
+
+
+def _folder_identity(folder: Path) -> str:
+    """One sha256 over the configuration and weight files under ``folder`` (names relative to it)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.name.endswith(_MODEL_FILES) and p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(folder).parts)):
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{_file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def _model_identity(name: str, kind: str) -> str:
+    """What identifies a generator or CLIP ("generator" / "clip"): a random model's name, or its files' content.
+
+    Names and paths are left out: a model folder that moved, or a hub id's local copy, is the same model.
+    """
+    if kind == "generator":
+        if name == "tiny":
+            return "random:tiny"
+        from brainmclip.generation.versatile_diffusion import VD_COMPONENTS, generator_folder
+
+        root = generator_folder(name)
+        digest = hashlib.sha256()
+        for component in VD_COMPONENTS:
+            if (root / component).is_dir():
+                digest.update(f"{component}\0{_folder_identity(root / component)}\n".encode())
+        return digest.hexdigest()
+    from brainmclip.features.clip_models import resolve_model_folder
+
+    folder = resolve_model_folder(name)
+    return f"random:{name.removeprefix('random:')}" if folder is None else _folder_identity(folder)
+
+
+def reconstruction_identity(pred, pred_dir: Path, options: ReconstructOptions, device: str, dtype) -> dict:
+    """Everything that decides the pixels of a reconstruction folder, as comparable JSON.
+
+    Predictions count by the content of the arrays generation reads (not by path, so a moved tree
+    still matches); the generator and CLIP by the content of their files. ``batch_size`` is not part
+    of it (see the module's description), nor are names and paths.
+    """
+    pixel_options = {k: v for k, v in asdict(options).items() if k not in ("batch_size", "generator", "clip",
+                                                                          "init_dir")}
+    if options.init_dir is None:
+        pixel_options.pop("strength")
+    used = ["stimulus_ids"] + [name for name in ("image", "text") if getattr(pred, name) is not None]
+    needs_clip = options.uncond == "clip" or options.samples > 1
+    return {
+        "predictions": {name: _file_sha256(pred_dir / f"{name}.npy") for name in used},
+        "generator": _model_identity(options.generator, "generator"),
+        "clip": _model_identity(options.clip, "clip") if needs_clip else None,
+        "options": pixel_options,
+        "init_images": _init_identity(options.init_dir, pred.stimulus_ids) if options.init_dir else None,
+        "best_of_n": ({"target_layers": _target_layers(pred, pred_dir), "branches": list(_branches(pred, pred_dir))}
+                      if options.samples > 1 else None),
+        "number_format": {"device": device, "dtype": str(dtype)},
+    }
+
+
+def _init_identity(init_dir, ids) -> str:
+    digest = hashlib.sha256()
+    for nsd_id in ids:
+        path = Path(init_dir) / _png_name(nsd_id)
+        if not path.is_file():
+            raise MissingInputError(f"{path}: missing init image (expected one PNG per NSD id, named like the outputs)")
+        digest.update(f"{_png_name(nsd_id)}\0{_file_sha256(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def _init_images(options: ReconstructOptions, ids) -> np.ndarray:
@@ -209,26 +404,6 @@ def _init_images(options: ReconstructOptions, ids) -> np.ndarray:
     if len({im.shape for im in images}) > 1:
         raise InvalidInputError(f"{folder}: init images of different sizes")
     return np.stack(images)
-
-
-def _same_settings(previous: dict | None, settings: dict, out: Path) -> bool:
-    """Whether a folder's saved settings are ``settings``, comparing the recorded paths by where they lead.
-
-    Older manifests record the predictions folder (and the run behind it) as absolute paths, newer
-    ones relative to the manifest's folder; both name the same folders.
-    """
-    if previous is None:
-        return False
-    previous = dict(previous)
-    current = json.loads(json.dumps(settings))
-    for recorded in (previous, current):
-        if recorded.get("predictions") is not None:
-            recorded["predictions"] = str(resolve_path(recorded["predictions"], out).resolve())
-    pred_base = Path(current["predictions"])
-    for recorded in (previous, current):
-        if recorded.get("predictions_manifest") is not None:
-            recorded["predictions_manifest"] = str(resolve_path(recorded["predictions_manifest"], pred_base).resolve())
-    return previous == current
 
 
 def _run_of(pred, pred_dir: Path) -> tuple[dict, Path | None]:

@@ -42,6 +42,7 @@ __all__ = [
     "VersatileDiffusionGenerator",
     "best_of_n",
     "cosine_scorer",
+    "generator_folder",
     "load_versatile_diffusion",
     "tiny_components",
     "tiny_versatile_diffusion",
@@ -397,6 +398,11 @@ def _resolve_root(path_or_id: str | os.PathLike, cache_dir: str | os.PathLike | 
     except Exception as err:  # LocalEntryNotFoundError, HFValidationError, offline errors: never download
         raise MissingInputError(f"{path_or_id}: no local folder and not in the Hugging Face cache "
                                 f"({type(err).__name__}); download it first or pass a local path") from None
+
+
+def generator_folder(path_or_id: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The local folder :func:`load_versatile_diffusion` reads for ``path_or_id`` ('mini', a folder, a cached hub id)."""
+    return _resolve_root(path_or_id, cache_dir)
 
 
 def _check_component(root: Path, name: str, model: bool) -> None:

@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from brainmclip.config import check_keys
-from brainmclip.losses.multi_granularity import LossWeights, multi_granularity_terms
+from brainmclip.config import check_bool, check_float, check_keys
+from brainmclip.errors import InvalidInputError
+from brainmclip.losses.multi_granularity import LOSS_TERMS, LossWeights, multi_granularity_terms
 from brainmclip.losses.reconstruction import mse
 from brainmclip.models.brain_mclip import image_target
 
@@ -36,6 +37,13 @@ class ObjectiveConfig:
     reconstruction: float = 1.0
     image_parts: float = 1.0
 
+    def __post_init__(self):
+        check_float("loss.reconstruction", self.reconstruction, 0)
+        check_float("loss.image_parts", self.image_parts, 0)
+        for key in ("text", "image"):
+            if not isinstance(getattr(self, key), LossWeights):
+                raise InvalidInputError(f"loss.{key}={getattr(self, key)!r}: expected an object of loss weights")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -43,8 +51,17 @@ class ObjectiveConfig:
     def from_dict(cls, d: dict) -> ObjectiveConfig:
         d = dict(check_keys(cls, d, "loss"))
         for key in ("text", "image"):
-            if key in d and isinstance(d[key], dict):
-                d[key] = LossWeights(**d[key])
+            if key in d:
+                weights = check_keys(LossWeights, d[key], f"loss.{key}")
+                # Types first: LossWeights' own range checks assume numbers.
+                for name, value in weights.items():
+                    if name in LOSS_TERMS:
+                        check_float(f"loss.{key}.{name}", value, 0)
+                    elif name == "temperature":
+                        check_float(f"loss.{key}.{name}", value, 0, low_open=True)
+                    else:
+                        check_bool(f"loss.{key}.{name}", value)
+                d[key] = LossWeights(**weights)
         return cls(**d)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from brainmclip.atomic import atomic_path
+from brainmclip.atomic import atomic_path, output_entries, output_lock
 from brainmclip.errors import InvalidInputError
 
 __all__ = ["Phase", "cosine_with_warmup", "run_phase", "step_seed", "attach_log"]
@@ -74,16 +74,24 @@ def _checkpoint_path(out: Path, phase: str) -> Path:
 
 @contextmanager
 def training_folder(out, force: bool = False) -> Iterator[Path]:
-    """``out`` as a Path (deleted first when ``force``), with the package log copied to ``out/train.log`` inside."""
+    """``out`` as a Path (emptied first when ``force``), with the package log copied to ``out/train.log`` inside.
+
+    The folder is locked (:func:`~brainmclip.atomic.output_lock`) while the training runs.
+    """
     out = Path(out)
-    if force and out.exists():
-        shutil.rmtree(out)
-    handler = attach_log(out)
-    try:
-        yield out
-    finally:
-        logging.getLogger("brainmclip").removeHandler(handler)
-        handler.close()
+    with output_lock(out):
+        if force:
+            for entry in output_entries(out):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        handler = attach_log(out)
+        try:
+            yield out
+        finally:
+            logging.getLogger("brainmclip").removeHandler(handler)
+            handler.close()
 
 
 def attach_log(out: Path) -> logging.Handler:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from brainmclip.config import check_keys
+from brainmclip.config import check_bool, check_float, check_int, check_keys
 from brainmclip.errors import InvalidInputError
 from brainmclip.models.layers import EncoderBlock, ResidualMlpBlock, TokenHead, count_parameters
 
@@ -68,9 +68,17 @@ class BrainMCLIPConfig:
     start_at_mean: bool = True
 
     def __post_init__(self):
-        unknown = set(self.branches) - set(BRANCHES)
-        if unknown or not self.branches:
-            raise InvalidInputError(f"branches={self.branches!r}; choose a non-empty subset of {list(BRANCHES)}")
+        for name in ("n_semantic_voxels", "n_detail_voxels", "head_rank", "backbone_blocks"):
+            check_int(f"model.{name}", getattr(self, name), 0)
+        for name in ("hidden_dim", "image_tokens", "text_tokens", "embed_dim"):
+            check_int(f"model.{name}", getattr(self, name), 1)
+        check_float("model.dropout", self.dropout, 0, 1, high_open=True)
+        check_bool("model.cross_reconstruction", self.cross_reconstruction)
+        check_bool("model.start_at_mean", self.start_at_mean)
+        if (not isinstance(self.branches, (list, tuple)) or not self.branches
+                or not all(isinstance(b, str) and b in BRANCHES for b in self.branches)):
+            raise InvalidInputError(f"model.branches={self.branches!r}: expected a non-empty list drawn from "
+                                    f"{list(BRANCHES)}")
         if self.cross_reconstruction and not {"image_semantic", "image_detail"} <= set(self.branches):
             # Cross-reconstruction needs both image codes; single-path ablations switch it off.
             self.cross_reconstruction = False
@@ -84,7 +92,7 @@ class BrainMCLIPConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> BrainMCLIPConfig:
-        return cls(**check_keys(cls, d, "BrainMCLIP"))
+        return cls(**check_keys(cls, d, "model"))
 
 
 def image_target(branches, targets: dict):

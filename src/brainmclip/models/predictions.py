@@ -7,7 +7,8 @@
     PRED/image_semantic.npy      float16 (n, 257, embed_dim)   ê_I,S (optional)
     PRED/image_detail.npy        float16 (n, 257, embed_dim)   ê_I,D (optional)
 
-Files are staged and renamed; the manifest is written last with ``"complete": true``. Its ``run``
+Files are staged and renamed; the manifest is written last with ``"complete": true`` and the
+arrays' ``checksums`` (:mod:`brainmclip.integrity`), which :func:`load_predictions` verifies. Its ``run``
 (the training run folder) is recorded relative to PRED (:func:`brainmclip.paths.record_path`); read
 it with :func:`brainmclip.paths.resolve_path` against PRED.
 """
@@ -21,12 +22,15 @@ import numpy as np
 
 from brainmclip.atomic import read_manifest, stage_arrays, write_json_atomic
 from brainmclip.errors import InvalidInputError
+from brainmclip.integrity import folder_checksums, load_npy
 from brainmclip.types import DecodedEmbeddings
 
 __all__ = ["PREDICTION_FORMAT", "PREDICTION_ARRAYS", "write_predictions", "load_predictions"]
 
 PREDICTION_FORMAT = "brainmclip-predictions/1"
 PREDICTION_ARRAYS = ("image", "text", "image_semantic", "image_detail")
+# What to do about a damaged prediction file.
+REPAIR_HINT = "rerun brainmclip predict"
 
 
 def write_predictions(out: str | os.PathLike, stimulus_ids: np.ndarray, arrays: dict[str, np.ndarray],
@@ -44,6 +48,7 @@ def write_predictions(out: str | os.PathLike, stimulus_ids: np.ndarray, arrays: 
         if not np.isfinite(value).all():
             raise InvalidInputError(f"{name}: predictions hold NaN or inf; refusing to write them")
     stage = stage_arrays(out / "staging", ids, arrays, "stimulus_ids")
+    checksums = folder_checksums(stage)
     (out / "manifest.json").unlink(missing_ok=True)
     for path in stage.iterdir():
         os.replace(path, out / path.name)
@@ -53,17 +58,21 @@ def write_predictions(out: str | os.PathLike, stimulus_ids: np.ndarray, arrays: 
     stage.rmdir()
     shapes = {name: list(value.shape) for name, value in arrays.items()}
     write_json_atomic(out / "manifest.json", {**manifest, "format": PREDICTION_FORMAT, "shapes": shapes,
-                                              "n_images": len(ids), "complete": True})
+                                              "n_images": len(ids), "checksums": checksums, "complete": True})
     return out
 
 
 def load_predictions(path: str | os.PathLike, mmap: bool = True) -> DecodedEmbeddings:
     root = Path(path)
     manifest = read_manifest(root, PREDICTION_FORMAT, "a prediction folder", "predict")
-    mode = "r" if mmap else None
-    arrays = {name: np.load(root / f"{name}.npy", mmap_mode=mode) if (root / f"{name}.npy").exists() else None
+    sums = manifest.get("checksums") or {}
+
+    def npy(name: str, mapped: bool) -> np.ndarray:
+        return load_npy(root / f"{name}.npy", REPAIR_HINT, mapped, sums.get(f"{name}.npy"))
+
+    arrays = {name: npy(name, mmap) if (root / f"{name}.npy").exists() or f"{name}.npy" in sums else None
               for name in PREDICTION_ARRAYS}
-    return DecodedEmbeddings(stimulus_ids=np.load(root / "stimulus_ids.npy"), subject=int(manifest.get("subject", 0)),
+    return DecodedEmbeddings(stimulus_ids=npy("stimulus_ids", False), subject=int(manifest.get("subject", 0)),
                              # image is None only for text-only ablations
                              split=manifest.get("split", "test"), method=manifest.get("method", "unknown"),
                              manifest=manifest, **arrays)

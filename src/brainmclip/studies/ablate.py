@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from brainmclip.atomic import write_bytes_atomic
+from brainmclip.atomic import locks_output, write_bytes_atomic
 from brainmclip.errors import InvalidInputError
 from brainmclip.studies.rows import Row, row_folder, train_row
 
@@ -72,6 +72,7 @@ def _subject_row(row: Row, data: Path, features, folder: Path, base_configs, ove
             "retrieval": entry.retrieval}
 
 
+@locks_output()
 def run_ablation(table: int, data_dirs, features, out, base_configs=("brain_mclip",), overrides=(),
                  recon_options=None, clip_model: str = "openai/clip-vit-large-patch14", allow_random: bool = False,
                  n_boot: int = 1000, metrics=None, progress: bool = True) -> list[dict]:

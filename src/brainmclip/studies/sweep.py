@@ -13,7 +13,7 @@ import itertools
 import json
 from pathlib import Path
 
-from brainmclip.atomic import write_bytes_atomic
+from brainmclip.atomic import locks_output, write_bytes_atomic
 from brainmclip.errors import InvalidInputError
 from brainmclip.studies.rows import Row, row_folder, train_row
 
@@ -54,6 +54,7 @@ def grid_rows(grid: list[tuple[str, list]]) -> list[Row]:
     return rows
 
 
+@locks_output()
 def run_sweep(data, features, out, grid: list[tuple[str, list]], base_configs=("brain_mclip_tiny",), overrides=(),
               progress: bool = True) -> list[dict]:
     """Train every grid point (resumable row by row) and write the comparison; return one dict per row."""

@@ -9,7 +9,13 @@ from brainmclip.data.prepared import PreparedSubject
 from brainmclip.errors import InvalidInputError
 from brainmclip.features.feature_store import TARGETS, FeatureStore
 
-__all__ = ["PairedSplit"]
+__all__ = ["PairedSplit", "voxel_mismatch"]
+
+
+def voxel_mismatch(run_dir, run_subject, trained: str, split: PairedSplit, has: str) -> InvalidInputError:
+    """The error for fMRI of another width than a run was trained on (usually another subject's data)."""
+    return InvalidInputError(f"{run_dir} was trained on {trained} (subject {run_subject}); {split.root} has {has} "
+                             f"(subject {split.subject}); predict from a dataset of the run's subject")
 
 
 class PairedSplit:
@@ -24,6 +30,7 @@ class PairedSplit:
         if split not in prepared.splits:
             raise InvalidInputError(f"Unknown split={split!r}; choose from {sorted(prepared.splits)}")
         self.samples = prepared.splits[split]
+        self.root, self.subject = prepared.root, prepared.subject
         self.semantic_idx = prepared.voxels.group(semantic_group)
         self.detail_idx = prepared.voxels.group(detail_group)
         if len(self.semantic_idx) == 0 or len(self.detail_idx) == 0:
@@ -47,6 +54,19 @@ class PairedSplit:
         betas = np.empty((len(rows), self.samples.n_voxels), np.float32)
         betas[order] = self.samples.betas[rows[order]]  # sorted reads from the memory map
         return torch.from_numpy(betas[:, self.semantic_idx]), torch.from_numpy(betas[:, self.detail_idx])
+
+    def check_finite(self, what: str, all_voxels: bool = False, rows_per_block: int = 1024) -> None:
+        """Refuse rows holding NaN or inf in the voxels a model reads (one would turn every weight into NaN).
+
+        Those are the two groups' voxels, or every voxel with ``all_voxels``.
+        """
+        columns = slice(None) if all_voxels else np.union1d(self.semantic_idx, self.detail_idx)
+        for start in range(0, len(self), rows_per_block):
+            block = np.asarray(self.samples.betas[start:start + rows_per_block])[:, columns]
+            bad = ~np.isfinite(block).all(axis=1)
+            if bad.any():
+                raise InvalidInputError(f"{what}: fMRI row {start + int(np.argmax(bad))} holds NaN or inf; prepare "
+                                        "the dataset again from clean inputs")
 
     def fetch(self, rows: np.ndarray, targets=TARGETS) -> dict[str, torch.Tensor]:
         rows = np.asarray(rows)

@@ -13,35 +13,46 @@ from pathlib import Path
 import numpy as np
 
 from brainmclip import __version__
-from brainmclip.atomic import write_json_atomic
+from brainmclip.atomic import output_lock, write_json_atomic
 from brainmclip.data.prepared import load_prepared
 from brainmclip.errors import OutputInTheWayError
 from brainmclip.features.feature_store import open_feature_store
 from brainmclip.paths import record_path, resolve_path
 from brainmclip.training.checkpoint import identity_of
 from brainmclip.training.data import PairedSplit
+from brainmclip.training.run_folder import RUN_FILE, clear_run_folder
 
 __all__ = ["GROUND_TRUTH_METHOD", "ground_truth_outputs", "write_ground_truth_run"]
 
 GROUND_TRUTH_METHOD = "gt_embedding"
 
 
-def write_ground_truth_run(data, features, out) -> Path:
-    """A run folder (``run.json`` only: nothing is fitted) that ``predict`` turns into ground-truth predictions."""
+def write_ground_truth_run(data, features, out, force: bool = False) -> Path:
+    """A run folder (``run.json`` only: nothing is fitted) that ``predict`` turns into ground-truth predictions.
+
+    ``force`` first deletes a run (and its predictions) in ``out``.
+    """
     out = Path(out)
-    if (out / "run.json").exists():
-        raise OutputInTheWayError(f"{out} already holds a run; choose another --out")
-    prepared = load_prepared(data, images=False)
-    store = open_feature_store(features)
-    for split in prepared.splits:  # fail now, not at predict time, when the store lacks images
-        PairedSplit(prepared, split, store)
-    write_json_atomic(out / "run.json", {
+    with output_lock(out):
+        if (out / RUN_FILE).exists() and not force:
+            raise OutputInTheWayError(f"{out} already holds a run; pass --force to replace it or choose another --out")
+        prepared = load_prepared(data, images=False)
+        store = open_feature_store(features)
+        for split in prepared.splits:  # fail now, not at predict time, when the store lacks images
+            PairedSplit(prepared, split, store)
+        if force:
+            clear_run_folder(out, predictions=True)
+        _write_record(data, features, out, prepared.subject)
+    return out
+
+
+def _write_record(data, features, out: Path, subject: int) -> None:
+    write_json_atomic(out / RUN_FILE, {
         "method": GROUND_TRUTH_METHOD, "config": {"data": {"semantic_group": "semantic", "detail_group": "detail"}},
         "identities": {"data": identity_of(Path(data) / "manifest.json"),
                        "features": identity_of(Path(features) / "manifest.json")},
-        "data": record_path(data, out), "features": record_path(features, out), "subject": prepared.subject,
+        "data": record_path(data, out), "features": record_path(features, out), "subject": subject,
         "parameters": {"total": 0}, "code_version": __version__})
-    return out
 
 
 def ground_truth_outputs(run: dict, split: PairedSplit, run_dir) -> dict[str, np.ndarray]:

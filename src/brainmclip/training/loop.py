@@ -10,6 +10,8 @@ the data order depends on (seed, epoch) only and the RNG state travels in the ch
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
 import math
@@ -22,8 +24,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from brainmclip import __version__
-from brainmclip.atomic import atomic_path, write_json_atomic
-from brainmclip.config import check_keys, load_config
+from brainmclip.atomic import atomic_path, output_lock, write_json_atomic
+from brainmclip.config import check_choice, check_float, check_int, check_keys, check_sections, load_config
 from brainmclip.data.prepared import load_prepared
 from brainmclip.errors import InvalidInputError, MissingInputError, OutputInTheWayError
 from brainmclip.evaluation.retrieval import pairwise_identification, similarity_matrix, top1_n_way
@@ -32,15 +34,15 @@ from brainmclip.losses.brain_mclip_objective import ObjectiveConfig, brain_mclip
 from brainmclip.models.brain_mclip import BrainMCLIP, BrainMCLIPConfig, image_target
 from brainmclip.paths import record_path
 from brainmclip.training.balance import gradient_norms
-from brainmclip.training.checkpoint import identity_of, load_checkpoint, same_identities, save_checkpoint
+from brainmclip.training.checkpoint import identity_of, load_checkpoint, load_safetensors, same_identities, save_checkpoint
 from brainmclip.training.cpu_memory import keep_freed_memory
 from brainmclip.training.data import PairedSplit
-from brainmclip.training.schedule import make_schedule
+from brainmclip.training.run_folder import CHECKPOINT_FILE, RUN_FILE, clear_run_folder, differing_keys, read_run_record
+from brainmclip.training.schedule import SCHEDULES, make_schedule
 
 __all__ = ["RUN_FILE", "TrainConfig", "TrainResult", "build_model", "load_best_model", "train_brain_mclip"]
 
 log = logging.getLogger("brainmclip.train")
-RUN_FILE = "run.json"
 
 
 @dataclass
@@ -76,15 +78,60 @@ class TrainConfig:
     plateau_epochs: int = 3
 
     def __post_init__(self):
-        if self.select_on not in ("score", "loss"):
-            raise InvalidInputError(f"Unknown train.select_on={self.select_on!r}; choose 'score' or 'loss'")
-        if self.mixed_precision not in ("bf16", "bf16-always", "no"):
-            raise InvalidInputError(f"Unknown train.mixed_precision={self.mixed_precision!r}; choose 'bf16', "
-                             "'bf16-always' or 'no'")
+        for name in ("epochs", "grad_accum", "patience", "checkpoint_every", "log_every", "plateau_epochs"):
+            check_int(f"train.{name}", getattr(self, name), 1)
+        # A global batch needs 2 rows: CKA and the contrastive terms compare the rows of a batch.
+        check_int("train.batch_size", self.batch_size, 2)
+        check_int("train.seed", self.seed, 0)
+        check_int("train.max_steps", self.max_steps, 0)
+        check_float("train.max_lr", self.max_lr, 0, low_open=True)
+        check_float("train.weight_decay", self.weight_decay, 0)
+        check_float("train.pct_start", self.pct_start, 0, 1, low_open=True, high_open=True)
+        check_float("train.warmup_epochs", self.warmup_epochs, 0)
+        check_float("train.lr_factor", self.lr_factor, 0, 1, low_open=True, high_open=True)
+        check_choice("train.select_on", self.select_on, ("score", "loss"))
+        check_choice("train.mixed_precision", self.mixed_precision, ("bf16", "bf16-always", "no"))
+        check_choice("train.schedule", self.schedule, SCHEDULES)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         return cls(**check_keys(cls, d, "train"))
+
+
+@dataclass
+class DataConfig:
+    """Which voxel groups of the prepared dataset are F_S and F_D."""
+
+    semantic_group: str = "semantic"
+    detail_group: str = "detail"
+
+    def __post_init__(self):
+        for name in ("semantic_group", "detail_group"):
+            if not isinstance(getattr(self, name), str):
+                raise InvalidInputError(f"data.{name}={getattr(self, name)!r}: expected the name of a voxel group")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DataConfig:
+        return cls(**check_keys(cls, d, "data"))
+
+
+def check_train_config(cfg: dict) -> tuple[TrainConfig, ObjectiveConfig, DataConfig]:
+    """Check every value of a BrainMCLIP run config that does not depend on the data; one error naming the first bad one.
+
+    The model section's sizes are checked too (with placeholder voxel counts): a bad value fails
+    here, before anything is loaded or written, rather than when the model is built.
+    """
+    if not isinstance(cfg, dict):
+        raise InvalidInputError(f"config {cfg!r}: expected an object of sections")
+    check_sections(cfg, ("method", "data", "model", "loss", "train"))
+    if cfg.get("method", "brain_mclip") != "brain_mclip":
+        raise InvalidInputError(f"config method={cfg.get('method')!r}; train_brain_mclip needs 'brain_mclip'")
+    train_cfg = TrainConfig.from_dict(cfg.get("train", {}))
+    loss_cfg = ObjectiveConfig.from_dict(cfg.get("loss", {}))
+    data_cfg = DataConfig.from_dict(cfg.get("data", {}))
+    model_cfg = check_keys(BrainMCLIPConfig, cfg.get("model", {}), "model")
+    BrainMCLIPConfig.from_dict({**model_cfg, "n_semantic_voxels": 1, "n_detail_voxels": 1})
+    return train_cfg, loss_cfg, data_cfg
 
 
 @dataclass(frozen=True)
@@ -170,68 +217,148 @@ def _validate(model, split: PairedSplit, loss_cfg: ObjectiveConfig, device, batc
     return total / max(n, 1), metrics
 
 
-def train_brain_mclip(data, features, config: dict | str | list[str], out, resume: bool = False,
+def train_brain_mclip(data, features, config: dict | str | list[str] | None, out, resume: bool = False,
                       overrides: list[str] | None = None, stop_after_steps: int | None = None, cpu: bool = False,
-                      progress: bool = True) -> TrainResult:
+                      progress: bool = True, force: bool = False) -> TrainResult:
     """Train BrainMCLIP on a prepared dataset and feature store into the run folder ``out``.
 
     ``config`` is a config dict or names/paths of config files (see :mod:`brainmclip.config`).
     ``stop_after_steps`` ends this call after that many optimizer steps with a checkpoint, as
-    a preempted job would; ``resume=True`` continues from the run's last checkpoint.
+    a preempted job would; ``resume=True`` continues from the run's last checkpoint, or starts
+    the run from its beginning when it has none yet (with the config it was started with, if any).
+    A folder holding only the start of a run (no checkpoint) with the same settings is started
+    afresh; ``force=True`` deletes the files an earlier run wrote there (and its predictions)
+    first. Every setting and input is checked before anything is written.
     """
     with keep_freed_memory(enabled=cpu or not torch.cuda.is_available()):
-        return _train(data, features, config, out, resume, overrides, stop_after_steps, cpu, progress)
+        return _train(data, features, config, out, resume, overrides, stop_after_steps, cpu, progress, force)
 
 
-def _train(data, features, config, out, resume, overrides, stop_after_steps, cpu, progress) -> TrainResult:
+def _run_settings(cfg: dict, identities: dict) -> dict:
+    """What decides whether two starts of a run are the same run."""
+    return {"method": cfg.get("method", "brain_mclip"), "config": cfg,
+            "identities": {name: {k: v for k, v in identity.items() if k != "path"}
+                           for name, identity in identities.items()}}
+
+
+def _choose_start(out: Path, config, overrides, given: dict | None, resume: bool, force: bool, identities: dict):
+    """Return ``(cfg, checkpoint state or None, whether to clear earlier files)`` for a run in ``out``, or refuse.
+
+    ``given`` is the checked config of ``config`` and ``overrides`` when already loaded.
+    """
+    last_ckpt = out / CHECKPOINT_FILE
+    if force:
+        return given or _given_config(out, config, overrides), None, True
+    if last_ckpt.is_file():
+        if not resume:
+            raise OutputInTheWayError(f"{out} already holds a run with a checkpoint; pass --resume to continue it, "
+                                      "--force to start it again, or choose another --out")
+        state = load_checkpoint(last_ckpt)
+        if not same_identities(state["identities"], identities):
+            raise InvalidInputError(f"{out}: the checkpoint was trained on other data or features "
+                                    f"({state['identities']['data']['path']}, "
+                                    f"{state['identities']['features']['path']}); pass --force to start a new run there")
+        return state["config"], state, False
+    record = read_run_record(out)
+    if resume:
+        # Nothing was saved yet: the run starts from its beginning, with the settings it was started with.
+        if record is not None:
+            if not same_identities(record.get("identities", {}), identities):
+                raise InvalidInputError(f"{out}: the run was started on other data or features; pass --force to start "
+                                        "a new run there or choose another --out")
+            cfg = record["config"]
+        elif config is None:
+            raise MissingInputError(f"{out}: nothing to resume (no {CHECKPOINT_FILE} or {RUN_FILE}); start the run "
+                                    "without --resume, or name its --config to start it with --resume")
+        else:
+            cfg = given or _given_config(out, config, overrides)
+        log.info("%s holds no checkpoint yet: starting the run from its beginning", out)
+        return cfg, None, True
+    cfg = given or _given_config(out, config, overrides)
+    if record is not None:
+        before = _run_settings(record["config"], record.get("identities", {}))
+        before["method"] = record.get("method")
+        differing = differing_keys(before, _run_settings(cfg, identities))
+        if differing:
+            shown = ", ".join(differing[:6]) + (f" and {len(differing) - 6} more" if len(differing) > 6 else "")
+            raise OutputInTheWayError(f"{out} holds the start of another run (no checkpoint yet; differing: {shown}); "
+                                      "pass --force to replace it or choose another --out")
+    return cfg, None, True
+
+
+def _given_config(out: Path, config, overrides) -> dict:
+    """The run config from ``config`` (a dict, or names/paths of config files) and ``overrides``, checked."""
+    if config is None:
+        raise InvalidInputError(f"{out}: no config given to start a run with")
+    cfg = copy.deepcopy(config) if isinstance(config, dict) else load_config(config, overrides)
+    check_train_config(cfg)
+    return cfg
+
+
+def _train(data, features, config, out, resume, overrides, stop_after_steps, cpu, progress, force) -> TrainResult:
     from accelerate import Accelerator
-    from torch.utils.tensorboard import SummaryWriter
 
     out = Path(out)
-    last_ckpt = out / "checkpoint_last.pt"
-    if resume:
-        if not last_ckpt.is_file():
-            raise MissingInputError(f"{last_ckpt}: nothing to resume; start the run without --resume")
-        state = load_checkpoint(last_ckpt)
-        cfg = state["config"]
-    else:
-        if (out / RUN_FILE).exists():
-            raise OutputInTheWayError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        cfg = load_config(config, overrides) if not isinstance(config, dict) else config
-        state = None
-    if cfg.get("method", "brain_mclip") != "brain_mclip":
-        raise InvalidInputError(f"config method={cfg.get('method')!r}; train_brain_mclip needs 'brain_mclip'")
-    train_cfg = TrainConfig.from_dict(cfg.get("train", {}))
-    loss_cfg = ObjectiveConfig.from_dict(cfg.get("loss", {}))
-    data_cfg = cfg.get("data", {})
+    if resume and force:
+        raise InvalidInputError("--resume continues the run in --out and --force deletes it; pass one of them")
+    if stop_after_steps is not None:
+        check_int("stop_after_steps", stop_after_steps, 1)
+    # A new run's settings are checked first, before the data is read (a resumed run's come from its folder).
+    given = _given_config(out, config, overrides) if not resume else None
+    # Autocast is ours, not accelerate's: accelerate fixes mixed precision once per process, and a
+    # process may train several runs (sweeps, ablation tables, tests) with different settings.
+    accelerator = Accelerator(cpu=cpu, mixed_precision="no")
+    # The main process writes the run folder; its lock keeps a second training out of it.
+    with output_lock(out) if accelerator.is_main_process else contextlib.nullcontext():
+        return _train_locked(accelerator, data, features, config, given, out, resume, overrides, stop_after_steps,
+                             cpu, progress, force)
 
+
+def _train_locked(accelerator, data, features, config, given, out, resume, overrides, stop_after_steps, cpu,
+                  progress, force) -> TrainResult:
+    from torch.utils.tensorboard import SummaryWriter
+
+    last_ckpt = out / CHECKPOINT_FILE
+    # Everything below up to the first write only reads and checks: a bad setting or input leaves --out as it was.
     prepared = load_prepared(data)
     store = open_feature_store(features)
     identities = {"data": identity_of(Path(data) / "manifest.json"),
                   "features": identity_of(Path(features) / "manifest.json")}
-    if state is not None and not same_identities(state["identities"], identities):
-        raise InvalidInputError(f"{out}: the checkpoint was trained on other data or features "
-                         f"({state['identities']['data']['path']}, {state['identities']['features']['path']})")
-    train_split = PairedSplit(prepared, "train", store, data_cfg.get("semantic_group", "semantic"),
-                              data_cfg.get("detail_group", "detail"))
-    val_split = PairedSplit(prepared, "val", store, data_cfg.get("semantic_group", "semantic"),
-                            data_cfg.get("detail_group", "detail"))
+    cfg, state, clear = _choose_start(out, config, overrides, given, resume, force, identities)
+    train_cfg, loss_cfg, data_cfg = check_train_config(cfg)
+
+    train_split = PairedSplit(prepared, "train", store, data_cfg.semantic_group, data_cfg.detail_group)
+    if "val" not in prepared.splits:
+        raise InvalidInputError(f"{data}: no val split; training selects its model on validation (prepare with "
+                                "--val-size 2 or more)")
+    val_split = PairedSplit(prepared, "val", store, data_cfg.semantic_group, data_cfg.detail_group)
+    if len(val_split) < 2:
+        raise InvalidInputError(f"{data}: the val split has {len(val_split)} rows; training selects its model on "
+                                "validation and needs at least 2 (prepare with --val-size 2 or more)")
+    train_split.check_finite(f"{data} train split")
+    val_split.check_finite(f"{data} val split")
+    world = accelerator.num_processes
+    n_batches = len(_batches(len(train_split), train_cfg.batch_size, 0, 0, 0, world))
+    if n_batches < train_cfg.grad_accum:
+        raise InvalidInputError(f"{data}: {len(train_split)} training rows make {n_batches} batches of "
+                                f"train.batch_size={train_cfg.batch_size}{f' x {world} processes' if world > 1 else ''}"
+                                f" per epoch, fewer than train.grad_accum={train_cfg.grad_accum}; lower them")
 
     # bf16 autocast on GPU only unless asked for everywhere: bf16 matmuls are very slow on most CPUs.
     on_gpu = torch.cuda.is_available() and not cpu
     use_bf16 = train_cfg.mixed_precision == "bf16-always" or (train_cfg.mixed_precision == "bf16" and on_gpu)
-    # Autocast is ours, not accelerate's: accelerate fixes mixed precision once per process, and a
-    # process may train several runs (sweeps, ablation tables, tests) with different settings.
-    accelerator = Accelerator(cpu=cpu, mixed_precision="no")
     torch.manual_seed(train_cfg.seed)
-    model = build_model(cfg.get("model", {}), prepared, store.manifest["settings"], data_cfg)
+    model = build_model(cfg.get("model", {}), prepared, store.manifest["settings"], cfg.get("data", {}))
     if state is None and model.config.start_at_mean:
-        model.start_at_mean(train_split.target_means())
+        means = train_split.target_means()
+        bad = [name for name, value in means.items() if not torch.isfinite(value).all()]
+        if bad:
+            raise InvalidInputError(f"{features}: the {', '.join(bad)} targets of {data}'s training images hold NaN "
+                                    "or inf; extract the features again")
+        model.start_at_mean(means)
     # fused AdamW: one kernel over all parameters; the step is memory-bound at 0.76B parameters.
     optimizer = torch.optim.AdamW(_param_groups(model, train_cfg.weight_decay), lr=train_cfg.max_lr, fused=True)
-    world = accelerator.num_processes
-    steps_per_epoch = max(1, len(_batches(len(train_split), train_cfg.batch_size, 0, 0, 0, world))
-                          // train_cfg.grad_accum)
+    steps_per_epoch = n_batches // train_cfg.grad_accum
     total_steps = steps_per_epoch * train_cfg.epochs
     if train_cfg.max_steps:
         total_steps = min(total_steps, train_cfg.max_steps)
@@ -249,6 +376,10 @@ def _train(data, features, config, out, resume, overrides, stop_after_steps, cpu
     main = accelerator.is_main_process
 
     if main:
+        if clear:
+            removed = clear_run_folder(out, predictions=force)
+            if removed:
+                log.info("%s: deleted %s of an earlier start", out, ", ".join(removed))
         out.mkdir(parents=True, exist_ok=True)
         counts = accelerator.unwrap_model(model).parameter_counts()
         write_json_atomic(out / RUN_FILE, {"method": "brain_mclip", "config": cfg, "identities": identities,
@@ -261,7 +392,7 @@ def _train(data, features, config, out, resume, overrides, stop_after_steps, cpu
         log.addHandler(handler)
         writer = SummaryWriter(str(out / "tensorboard"))
         log.info("%s BrainMCLIP with %.1fM parameters; %d train / %d val rows; %d steps",
-                 "resuming" if resume else "training", counts["total"] / 1e6, len(train_split), len(val_split),
+                 "resuming" if state is not None else "training", counts["total"] / 1e6, len(train_split), len(val_split),
                  total_steps)
 
     def checkpoint():
@@ -375,15 +506,11 @@ def _result(out: Path, p: dict, model: BrainMCLIP) -> TrainResult:
 
 
 def load_best_model(run_dir: Path) -> BrainMCLIP:
-    from safetensors import safe_open
-
     path = Path(run_dir) / "model_best.safetensors"
     if not path.is_file():
         raise MissingInputError(f"{path}: missing; the run has not finished an epoch yet")
-    with safe_open(str(path), framework="pt") as f:
-        model_config = json.loads(f.metadata()["model_config"])
-        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
-    model = BrainMCLIP(BrainMCLIPConfig.from_dict(model_config))
+    metadata, state = load_safetensors(path, json_metadata=("model_config",))
+    model = BrainMCLIP(BrainMCLIPConfig.from_dict(metadata["model_config"]))
     model.load_state_dict(state)
     return model.eval()
 

@@ -9,12 +9,13 @@ import numpy as np
 import torch
 
 from brainmclip import __version__
+from brainmclip.atomic import output_lock
 from brainmclip.data.prepared import load_prepared
 from brainmclip.errors import InvalidInputError, MissingInputError
 from brainmclip.models.predictions import write_predictions
 from brainmclip.paths import record_path, resolve_path
 from brainmclip.training.checkpoint import identity_of
-from brainmclip.training.data import PairedSplit
+from brainmclip.training.data import PairedSplit, voxel_mismatch
 
 __all__ = ["predict", "average_by_stimulus"]
 
@@ -41,14 +42,25 @@ def _read_run(run_dir: Path) -> dict:
     path = Path(run_dir) / RUN_FILE
     if not path.is_file():
         raise MissingInputError(f"{path}: missing; {run_dir} is not a training run (brainmclip train --out)")
-    return json.loads(path.read_text())
+    try:
+        run = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        run = None
+    if not isinstance(run, dict) or not isinstance(run.get("config"), dict) or "method" not in run:
+        raise InvalidInputError(f"{path}: damaged run record; train the run again (brainmclip train --force)")
+    return run
 
 
 @torch.no_grad()
-def _brain_mclip_outputs(run_dir: Path, split: PairedSplit, batch_size: int = 64) -> dict[str, np.ndarray]:
+def _brain_mclip_outputs(run_dir: Path, run: dict, split: PairedSplit, batch_size: int = 64) -> dict[str, np.ndarray]:
     from brainmclip.training.loop import load_best_model
 
     model = load_best_model(run_dir)
+    trained = (model.config.n_semantic_voxels, model.config.n_detail_voxels)
+    has = (len(split.semantic_idx), len(split.detail_idx))
+    if trained != has:
+        raise voxel_mismatch(run_dir, run.get("subject"), f"{trained[0]} semantic and {trained[1]} detail voxels",
+                             split, f"{has[0]} and {has[1]}")
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(split), batch_size):
         semantic, detail = split.fmri(np.arange(start, min(start + batch_size, len(split))))
@@ -63,6 +75,12 @@ def _brain_mclip_outputs(run_dir: Path, split: PairedSplit, batch_size: int = 64
 def predict(run_dir, split: str = "test", out=None, data=None) -> Path:
     """Write the run's predictions for ``split`` of its prepared dataset (or ``data``) to ``out``."""
     run_dir = Path(run_dir)
+    out = Path(out) if out else run_dir / f"predictions_{split}"
+    with output_lock(out):
+        return _predict(run_dir, split, out, data)
+
+
+def _predict(run_dir: Path, split: str, out: Path, data) -> Path:
     run = _read_run(run_dir)
     data = Path(data) if data else resolve_path(run["data"], run_dir)
     prepared = load_prepared(data)
@@ -71,7 +89,7 @@ def predict(run_dir, split: str = "test", out=None, data=None) -> Path:
     cfg = run["config"].get("data", {})
     paired = PairedSplit(prepared, split, None, cfg.get("semantic_group", "semantic"), cfg.get("detail_group", "detail"))
     if run["method"] == "brain_mclip":
-        arrays = _brain_mclip_outputs(run_dir, paired)
+        arrays = _brain_mclip_outputs(run_dir, run, paired)
     elif run["method"] == "ridge":
         from brainmclip.training.ridge_fit import ridge_outputs
 
@@ -86,7 +104,6 @@ def predict(run_dir, split: str = "test", out=None, data=None) -> Path:
     averaged = len(np.unique(ids)) < len(ids)
     if averaged:
         ids, arrays = average_by_stimulus(ids, arrays)
-    out = Path(out) if out else run_dir / f"predictions_{split}"
     manifest = {"method": run["method"], "subject": prepared.subject, "split": split, "run": record_path(run_dir, out),
                 "data": identity_of(data / "manifest.json"), "test_set": prepared.manifest.get("test_set"),
                 "averaged_over_repeats": averaged, "parameters": run.get("parameters", {}),

@@ -24,6 +24,7 @@ before the first shard or betas row is read. Every error a user can cause is a o
 
 from __future__ import annotations
 
+from brainmclip.atomic import locks_output
 from brainmclip.data.prepared import PreparedSubject
 from brainmclip.errors import InvalidInputError
 
@@ -37,6 +38,7 @@ __all__ = ["PUBLISHED_FORMATS", "prepare_published", "prepare_brain_diffuser", "
 PUBLISHED_FORMATS = ("brain-diffuser", "mindeye1", "mindeye2")
 
 
+@locks_output()
 def prepare_published(fmt: str, input_dir, subject: int, out, nsd_root=None, normalize: str = "none",
                       val_size: int | None = None, detail_voxels: str = "roi", force: bool = False,
                       test_set: str | None = None, images: bool = True, single_trial: bool = False,

@@ -23,7 +23,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from brainmclip import __version__
-from brainmclip.atomic import atomic_path, remove_stale_temporaries, write_bytes_atomic, write_json_atomic
+from brainmclip.atomic import (
+    atomic_path,
+    locks_output,
+    output_entries,
+    remove_stale_temporaries,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from brainmclip.data import nsd_paths
 from brainmclip.data.nsd_paths import BETA_SCALE, N_SUBJECTS, ROI_NAMES, check_subject
 from brainmclip.errors import InvalidInputError, MissingInputError, OutputInTheWayError
@@ -163,7 +170,7 @@ def _scene(seed: int, nsd_id: int) -> Scene:
 
 def _check_out_dir(out: Path, settings: dict, force: bool) -> str:
     """Return 'fresh', 'resume' or 'complete' for ``out``, or refuse it."""
-    if not out.exists() or not any(out.iterdir()):
+    if not output_entries(out):  # missing, empty, or holding only the lock of the running command
         return "fresh"
     manifest = _manifest_path(out)
     previous = None
@@ -184,6 +191,7 @@ def _check_out_dir(out: Path, settings: dict, force: bool) -> str:
     return "fresh"
 
 
+@locks_output("out_dir")
 def make_synthetic_nsd(out_dir, preset: str | SimulationPreset = "tiny", subjects=(1,), seed: int = 0,
                        sessions: int | None = None, force: bool = False, progress: bool = True) -> SimulatedNSD:
     """Write a simulated NSD tree to ``out_dir``.
