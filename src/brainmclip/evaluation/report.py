@@ -416,24 +416,29 @@ def _retrieval_table(runs: Sequence[ReportRun]) -> str:
             ks = ks or list(report.get("recall_at_k", {}).get("ks", []))
     if not rows:
         return ""
+    recall_title = "/".join(f"R@{k}" for k in ks)
     head = ('<th class="name">method</th><th>subject</th><th class="name">embedding</th><th>n-way</th>'
             "<th>image retrieval top-1<span class=\"ci\">brain &rarr; image</span></th>"
             "<th>brain retrieval top-1<span class=\"ci\">image &rarr; brain</span></th>"
-            + "".join(f"<th>R@{k}<span class=\"ci\">brain &rarr; image</span></th>" for k in ks)
-            + "".join(f"<th>R@{k}<span class=\"ci\">image &rarr; brain</span></th>" for k in ks))
+            f"<th>{recall_title} (%)<span class=\"ci\">brain &rarr; image</span></th>"
+            f"<th>{recall_title} (%)<span class=\"ci\">image &rarr; brain</span></th>")
     body = []
+    whole = False
     for run, kind, report in rows:
         top1 = report.get("top1_n_way", {})
         recall = report.get("recall_at_k", {})
+        whole |= top1.get("n_way") == top1.get("n_items")
         cells = [_top1_cell(top1.get("image_retrieval")), _top1_cell(top1.get("brain_retrieval"))]
         for direction in ("image_retrieval", "brain_retrieval"):
             values = recall.get(direction, {})
-            cells += [f"<td>{100 * float(values[f'recall@{k}']):.1f}%</td>" if f"recall@{k}" in values
-                      else "<td>\u2013</td>" for k in ks]
+            cells.append("<td>" + " / ".join(f"{100 * float(values[f'recall@{k}']):.1f}" if f"recall@{k}" in values
+                                             else "\u2013" for k in ks) + "</td>")
         body.append(f'<tr><td class="name">{_e(_method_label(run.method))}</td><td>{_e(run.subject)}</td>'
                     f'<td class="name">{_e(_RETRIEVAL_LABELS.get(kind, (kind,))[0])}</td>'
                     f"<td>{_e(top1.get('n_way', ''))}</td>" + "".join(cells) + "</tr>")
     n_items = rows[0][2].get("n_items", "")
+    whole_note = (" Where n-way equals the number of test items every subset is the whole test set, so the interval "
+                  "has no width." if whole else "")
     return (f'<h2 id="retrieval">Retrieval</h2><table id="retrieval-table"><thead><tr>{head}</tr></thead><tbody>'
             + "".join(body) + "</tbody></table>"
             '<p class="legend"><b>Image retrieval</b> (brain &rarr; image): each decoded embedding ranks the candidate '
@@ -441,8 +446,8 @@ def _retrieval_table(runs: Sequence[ReportRun]) -> str:
             "ranks the decoded embeddings. MindEye1's code names these two directions the other way round (its "
             "similarity matrix is transposed). Top-1: accuracy among n-way random test items (chance 1/n), "
             f"30 random subsets; bracketed: {_e(INTERVAL)} (MindEye's scripts use sd with ddof=0, an interval 1.7% "
-            f"narrower). R@K: Recall@K among all {_e(n_items)} test items (BrainCLIP's measure). The text row scores "
-            "the decoded text embedding against the captions' CLIP text embeddings.</p>")
+            f"narrower).{whole_note} R@K: Recall@K among all {_e(n_items)} test items (BrainCLIP's measure), in "
+            "percent. The text row scores the decoded text embedding against the captions' CLIP text embeddings.</p>")
 
 
 def _scene_table(runs: Sequence[ReportRun]) -> str:
