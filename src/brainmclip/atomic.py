@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 from brainmclip.errors import InvalidInputError, MissingInputError, OutputInTheWayError
 
-__all__ = ["LOCK_FILE", "TEMP_MARKER", "atomic_path", "locks_output", "output_entries", "output_lock",
+__all__ = ["LOCK_FILE", "TEMP_MARKER", "atomic_path", "crash_point", "locks_output", "output_entries", "output_lock",
            "remove_stale_temporaries", "write_bytes_atomic", "write_json_atomic"]
 
 TEMP_MARKER = ".tmp-"
@@ -221,3 +223,25 @@ def locks_output(parameter: str = "out"):
                 return function(*args, **kwargs)
         return locked
     return decorate
+
+
+_crash_counts: dict[str, int] = {}
+_crash_lock = threading.Lock()  # sessions of prepare reach their crash point from worker threads
+
+
+def crash_point(name: str) -> None:
+    """Fault-injection hook for tests; never set in normal use.
+
+    When the environment variable ``BRAINMCLIP_CRASH_AT`` is ``"<name>:<k>"``, the k-th call
+    with this ``name`` (1-based, counted per name in this process) kills the process with
+    SIGKILL, as an out-of-memory killer or a lost node would: no cleanup, no finally blocks.
+    Stages call it right after a unit of work is durably written, so a test can check that
+    rerunning the command continues from there. Unset, it costs one environment lookup.
+    """
+    target = os.environ.get("BRAINMCLIP_CRASH_AT")
+    if not target or target.rpartition(":")[0] != name:
+        return
+    with _crash_lock:
+        _crash_counts[name] = _crash_counts.get(name, 0) + 1
+        if target == f"{name}:{_crash_counts[name]}":
+            os.kill(os.getpid(), signal.SIGKILL)

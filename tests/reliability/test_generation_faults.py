@@ -167,3 +167,54 @@ def test_report_replaces_its_own_report(cli, evaluation, tmp_path):
     page = (out / "index.html").read_text()
     assert "<title>Report B</title>" in page and "Report A" not in page
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no hidden leftovers beside it
+
+
+
+def _bad_predictions(path, what):
+    ids = IDS.copy()
+    image = np.random.default_rng(0).normal(size=(len(ids), 257, 32)).astype(np.float32)
+    if what == "negative id":
+        ids[1] = -1
+    elif what == "repeated id":
+        ids[3] = ids[0]
+    return write_predictions(path, ids, {"image": image}, {"method": "ridge", "subject": 1, "split": "test"})
+
+
+@pytest.mark.parametrize(("what", "words"), [
+    ("negative id", ["stimulus_ids.npy", "-1"]),
+    ("repeated id", ["stimulus_ids.npy", "repeated"]),
+])
+def test_impossible_ids_are_refused_before_any_image(cli, tmp_path, what, words):
+    pred, out = tmp_path / "pred", tmp_path / "recon"
+    _bad_predictions(pred, what)
+    code, err = _reconstruct(cli, pred, out, "--steps", "2")
+    assert_one_line_error(code, err, *words)
+    assert not out.exists() or not list(out.glob("*.png"))
+
+
+def test_non_finite_embeddings_never_become_images(tmp_path):
+    """predict cannot write them, and reconstruct refuses them should they appear (e.g. written by other code)."""
+    from types import SimpleNamespace
+
+    from brainmclip.errors import InvalidInputError
+    from brainmclip.generation.reconstruct import _check_finite
+
+    image = np.zeros((len(IDS), 4, 3), np.float32)
+    image[2, 1, 0] = np.nan
+    with pytest.raises(InvalidInputError, match="NaN or inf; refusing"):
+        write_predictions(tmp_path / "pred", IDS, {"image": image}, {"method": "ridge"})
+    with pytest.raises(InvalidInputError, match=r"image\.npy: row 2 \(NSD id 42\) holds NaN or inf"):
+        _check_finite(SimpleNamespace(image=image, text=None, stimulus_ids=IDS), tmp_path)
+    image[2, 1, 0] = 0.0
+    _check_finite(SimpleNamespace(image=image, text=np.ones((len(IDS), 2, 3)), stimulus_ids=IDS), tmp_path)
+
+
+def test_more_ids_than_embedding_rows_is_refused(cli, tmp_path):
+    pred, out = tmp_path / "pred", tmp_path / "recon"
+    _bad_predictions(pred, "fine")
+    np.save(pred / "stimulus_ids.npy", np.append(IDS, 99))  # as a hand-edited or mixed-up folder would hold
+    manifest = json.loads((pred / "manifest.json").read_text())
+    manifest.pop("checksums", None)  # a folder written before checksums were recorded
+    (pred / "manifest.json").write_text(json.dumps(manifest))
+    code, err = _reconstruct(cli, pred, out, "--steps", "2")
+    assert_one_line_error(code, err, "image.npy", f"names {len(IDS) + 1} images")

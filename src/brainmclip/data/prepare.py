@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from brainmclip import __version__
-from brainmclip.atomic import atomic_path, locks_output, remove_stale_temporaries
+from brainmclip.atomic import atomic_path, crash_point, locks_output, remove_stale_temporaries
 from brainmclip.data import nsd_paths
 from brainmclip.data.build_common import (
     check_curated_captions,
@@ -279,6 +279,7 @@ def prepare_subject(nsd_root, subject: int, out_dir, options: PrepareOptions | N
         "images": options.images,
         "seconds": round(time.perf_counter() - start, 2),
     }
+    crash_point("prepare-commit")
     writer.commit(manifest)
     if not keep_work:
         shutil.rmtree(work)
@@ -295,6 +296,7 @@ def _prepare_session(root, subject, options, voxels, plan, is_test, work, sessio
         betas = _zscore_with_train(betas, ~is_test[trials], reader.path)
     with atomic_path(work / f"session_{session:02d}.npy") as tmp, open(tmp, "wb") as f:
         np.save(f, betas)
+    crash_point("prepare-session")
     log.debug("session %02d: %s", session, reader.path)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from brainmclip.atomic import locks_output
+from brainmclip.atomic import crash_point, locks_output
 from brainmclip.data.prepared import PreparedSubject, load_prepared
 from brainmclip.errors import InvalidInputError
 from brainmclip.features.clip_extractor import ClipFeatureExtractor
@@ -125,6 +125,7 @@ def extract_features(prepared_paths: Sequence[str | Path], out: str | Path, mode
                 parts.setdefault(name, []).append(value.numpy().astype(np.float16))
             bar.update(len(images))
         store.write_shard(ids, {k: np.concatenate(v) for k, v in parts.items()})
+        crash_point("extract-shard")
     bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

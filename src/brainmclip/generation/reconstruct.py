@@ -38,7 +38,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from brainmclip import __version__
-from brainmclip.atomic import atomic_path, locks_output, read_manifest, remove_stale_temporaries, write_json_atomic
+from brainmclip.atomic import (
+    atomic_path,
+    crash_point,
+    locks_output,
+    read_manifest,
+    remove_stale_temporaries,
+    write_json_atomic,
+)
 from brainmclip.errors import InvalidInputError, MissingInputError, OutputInTheWayError
 from brainmclip.models.predictions import load_predictions
 from brainmclip.paths import record_path, resolve_path
@@ -117,6 +124,21 @@ def _check_predictions(pred, embed_dim: int, path: Path, image_tokens: int | Non
                              f"(n, {want[0]}, {want[1]})")
 
 
+def _check_finite(pred, path: Path, rows: int = 256) -> None:
+    """NaN or inf in an embedding would become a black or noise image with exit 0: refuse it, naming the row."""
+    for name in ("image", "text"):
+        value = getattr(pred, name)
+        if value is None:
+            continue
+        for start in range(0, len(value), rows):
+            block = np.asarray(value[start:start + rows]).reshape(min(rows, len(value) - start), -1)
+            bad = ~np.isfinite(block).all(1)
+            if bad.any():
+                row = start + int(np.flatnonzero(bad)[0])
+                raise InvalidInputError(f"{path}/{name}.npy: row {row} (NSD id {int(pred.stimulus_ids[row])}) holds "
+                                        "NaN or inf; expected finite embeddings (predict again from a healthy run)")
+
+
 @locks_output()
 def reconstruct(pred_dir, out, options: ReconstructOptions | None = None, force: bool = False,
                 progress: bool = True) -> GeneratedImages:
@@ -136,6 +158,10 @@ def reconstruct(pred_dir, out, options: ReconstructOptions | None = None, force:
     if len(np.unique(ids)) != len(ids):
         raise InvalidInputError(f"{pred_dir}/stimulus_ids.npy: repeated NSD ids; expected one prediction per image "
                                 "(their PNGs would overwrite each other)")
+    if len(ids) and ids.min() < 0:
+        raise InvalidInputError(f"{pred_dir}/stimulus_ids.npy: NSD id {int(ids.min())}; expected ids >= 0 (a "
+                                "prediction of an image whose NSD id the source did not record cannot be named)")
+    _check_finite(pred, pred_dir)
     # bf16 on GPU only: bf16 matmuls are very slow on most CPUs.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -244,6 +270,7 @@ def _generate(pred, pred_dir: Path, out: Path, options: ReconstructOptions, ids:
         for j in missing:
             with atomic_path(out / _png_name(ids[rows[j]])) as tmp:
                 Image.fromarray(candidates[chosen[j]][j]).save(tmp, format="PNG")
+            crash_point("reconstruct-image")
             done.add(int(ids[rows[j]]))
             bar.update(1)
     bar.close()

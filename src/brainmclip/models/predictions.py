@@ -72,7 +72,12 @@ def load_predictions(path: str | os.PathLike, mmap: bool = True) -> DecodedEmbed
 
     arrays = {name: npy(name, mmap) if (root / f"{name}.npy").exists() or f"{name}.npy" in sums else None
               for name in PREDICTION_ARRAYS}
-    return DecodedEmbeddings(stimulus_ids=npy("stimulus_ids", False), subject=int(manifest.get("subject", 0)),
+    ids = npy("stimulus_ids", False)
+    for name, value in arrays.items():
+        if value is not None and (value.ndim != 3 or len(value) != len(ids)):
+            raise InvalidInputError(f"{root / f'{name}.npy'}: shape {tuple(value.shape)}; stimulus_ids.npy names "
+                                    f"{len(ids)} images, so expected ({len(ids)}, tokens, embed_dim); {REPAIR_HINT}")
+    return DecodedEmbeddings(stimulus_ids=ids, subject=int(manifest.get("subject", 0)),
                              # image is None only for text-only ablations
                              split=manifest.get("split", "test"), method=manifest.get("method", "unknown"),
                              manifest=manifest, **arrays)

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from brainmclip import __version__
-from brainmclip.atomic import atomic_path, output_lock, write_json_atomic
+from brainmclip.atomic import atomic_path, crash_point, output_lock, write_json_atomic
 from brainmclip.config import check_choice, check_float, check_int, check_keys, check_sections, load_config
 from brainmclip.data.prepared import load_prepared
 from brainmclip.errors import InvalidInputError, MissingInputError, OutputInTheWayError
@@ -401,6 +401,7 @@ def _train_locked(accelerator, data, features, config, given, out, resume, overr
                 "model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "progress": dict(progress_state), "config": cfg,
                 "identities": identities, "torch_rng": torch.get_rng_state(), "code_version": __version__})
+            crash_point("train-checkpoint")
         accelerator.wait_for_everyone()
 
     p = progress_state
