@@ -247,6 +247,22 @@ def test_save_load_round_trip(tmp_path, alpha_per):
         unfitted.predict(X)
 
 
+@pytest.mark.parametrize("damage", ["truncate", "empty", "missing"])
+def test_a_damaged_model_file_is_named(tmp_path, damage):
+    from brainmclip.errors import BrainmclipError
+
+    X, Y = _problem(t=3)
+    path = RidgeDecoder(alphas=ALPHAS, n_folds=3).fit(X, Y).save(tmp_path / "ridge.npz")
+    data = path.read_bytes()
+    if damage == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"")
+    with pytest.raises(BrainmclipError, match=r"ridge\.npz") as info:
+        RidgeDecoder.load(path)
+    assert "\n" not in str(info.value)
+
+
 def test_input_errors_are_clear():
     X, Y = _problem(n=30, t=4)
     model = RidgeDecoder(alphas=ALPHAS)

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from brainmclip.atomic import atomic_path
-from brainmclip.errors import InvalidInputError
+from brainmclip.errors import InvalidInputError, MissingInputError
 
 __all__ = [
     "DEFAULT_ALPHAS",
@@ -827,7 +827,11 @@ class RidgeDecoder:
         -------
         RidgeDecoder
         """
-        with np.load(path, allow_pickle=False) as z:
+        from brainmclip.integrity import reading
+
+        if not Path(path).is_file():
+            raise MissingInputError(f"{path}: missing (a ridge model written by RidgeDecoder.save)")
+        with reading(path, "a ridge model (.npz)", "train the ridge run again"), np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
             if meta.get("format") != RIDGE_FORMAT:
                 raise InvalidInputError(f"{path}: format {meta.get('format')!r}; expected {RIDGE_FORMAT!r}")
