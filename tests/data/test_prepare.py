@@ -13,7 +13,7 @@ import pytest
 import scipy.io
 
 from brainmclip.cli import main
-from brainmclip.data import nsd_paths
+from brainmclip.data import nsd_official, nsd_paths
 from brainmclip.data.prepare import PrepareOptions, prepare_subject
 from brainmclip.data.prepared import load_prepared
 from brainmclip.data.synthetic import make_synthetic_nsd
@@ -176,9 +176,22 @@ def test_rerun_is_a_no_op_and_other_options_are_refused(tiny_nsd, tmp_path):
     assert forced.manifest["sessions"] == [1, 2, 3]
 
 
-def test_interrupted_run_resumes_per_session(tiny_nsd, tmp_path, monkeypatch):
-    from brainmclip.data import nsd_official
+_REAL_SESSION_READ = nsd_official._NiftiGzSession.read  # taken before any test patches it
 
+
+def _count_session_reads(monkeypatch) -> list[str]:
+    """The names of the betas files read from now on, in order, by the real reader (replacing an earlier patch)."""
+    names: list[str] = []
+
+    def counting(self, voxel_ijk):
+        names.append(self.path.name)
+        return _REAL_SESSION_READ(self, voxel_ijk)
+
+    monkeypatch.setattr(nsd_official._NiftiGzSession, "read", counting)
+    return names
+
+
+def test_interrupted_run_resumes_per_session(tiny_nsd, tmp_path, monkeypatch):
     options = PrepareOptions(sessions=tuple(range(1, 9)), images=False)
     real_read = nsd_official._NiftiGzSession.read
 
@@ -195,13 +208,7 @@ def test_interrupted_run_resumes_per_session(tiny_nsd, tmp_path, monkeypatch):
     assert {1, 2, 3, 4} <= set(done) and 5 not in done
     with pytest.raises(FileNotFoundError):
         load_prepared(tmp_path)  # nothing that looks complete
-    read_sessions = []
-
-    def counting(self, voxel_ijk):
-        read_sessions.append(self.path.name)
-        return real_read(self, voxel_ijk)
-
-    monkeypatch.setattr(nsd_official._NiftiGzSession, "read", counting)
+    read_sessions = _count_session_reads(monkeypatch)
     resumed = prepare_subject(tiny_nsd.root, 1, tmp_path, options, progress=False)
     assert sorted(read_sessions) == [f"betas_session{s:02d}.nii.gz" for s in range(1, 9) if s not in done]
     _compare(resumed, reference(tiny_nsd.root, 1, range(1, 9)))
@@ -210,7 +217,6 @@ def test_interrupted_run_resumes_per_session(tiny_nsd, tmp_path, monkeypatch):
 
 def test_resume_reads_a_damaged_session_again(tiny_nsd, tmp_path, monkeypatch):
     """A kept session result that was cut short is not reused: that session is read again."""
-    from brainmclip.data import nsd_official
 
     options = PrepareOptions(sessions=(1, 2, 3), images=False)
     first = prepare_subject(tiny_nsd.root, 1, tmp_path, options, keep_work=True, progress=False)
@@ -218,14 +224,7 @@ def test_resume_reads_a_damaged_session_again(tiny_nsd, tmp_path, monkeypatch):
     (tmp_path / "manifest.json").unlink()  # the dataset reads as unfinished: the next run resumes
     cut = tmp_path / ".work" / "session_02.npy"
     cut.write_bytes(cut.read_bytes()[:-100])
-    real_read = nsd_official._NiftiGzSession.read
-    read_sessions = []
-
-    def counting(self, voxel_ijk):
-        read_sessions.append(self.path.name)
-        return real_read(self, voxel_ijk)
-
-    monkeypatch.setattr(nsd_official._NiftiGzSession, "read", counting)
+    read_sessions = _count_session_reads(monkeypatch)
     resumed = prepare_subject(tiny_nsd.root, 1, tmp_path, options, progress=False)
     assert read_sessions == ["betas_session02.nii.gz"]
     for split, betas in expected.items():
@@ -396,8 +395,6 @@ def _replace(path, data: bytes):
     ("design", ValueError, ["nsd_expdesign.mat", "session 41"]),
 ])
 def test_inputs_are_checked_before_the_first_session(linked_tree, tmp_path, monkeypatch, case, error, words):
-    from brainmclip.data import nsd_official
-
     root = linked_tree
     kwargs = {"sessions": tuple(range(1, 38))}
     if case == "coco-captions":
