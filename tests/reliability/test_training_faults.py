@@ -215,6 +215,17 @@ def test_force_deletes_only_what_train_wrote(cli, inputs, tmp_path):
     assert len(list((out / "tensorboard").glob("events.*"))) == 1
 
 
+def test_a_damaged_checkpoint_names_force_and_force_starts_again(cli, inputs, tmp_path):
+    """The error's advice works: after a damaged checkpoint, train --force starts the run afresh."""
+    out = tmp_path / "run"
+    assert cli(_train(inputs, out)) == (0, "")
+    checkpoint = out / "checkpoint_last.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:-200])
+    assert_one_line_error(*cli(_train(inputs, out, "--resume")), "checkpoint_last.pt", "--force")
+    assert cli(_train(inputs, out, "--force")) == (0, "")
+    assert cli(["predict", "--run", out]) == (0, "")
+
+
 def test_resume_with_nothing_to_resume_says_what_to_do(cli, inputs, tmp_path):
     out = tmp_path / "run"
     argv = ["train", "--data", inputs.data, "--features", inputs.features, "--out", out, "--resume"]

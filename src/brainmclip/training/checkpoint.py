@@ -21,8 +21,8 @@ from brainmclip.errors import InvalidInputError, MissingInputError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_safetensors", "identity_of", "same_identities"]
 
-CHECKPOINT_HINT = "the run cannot continue from it; rerun brainmclip train into a new --out"
-WEIGHTS_HINT = "rerun brainmclip train into a new --out"
+CHECKPOINT_HINT = "the run cannot continue from it; start it again with brainmclip train --force (or a new --out)"
+WEIGHTS_HINT = "train the run again with brainmclip train --force (or into a new --out)"
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
