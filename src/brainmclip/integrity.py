@@ -29,8 +29,8 @@ import numpy as np
 
 from brainmclip.errors import BrainmclipError, InvalidInputError
 
-__all__ = ["SMALL_FILE", "ENDS", "file_checksum", "folder_checksums", "verify_file", "check_npy_size", "load_npy",
-           "read_json", "reading", "corrupt"]
+__all__ = ["SMALL_FILE", "ENDS", "sha256_file", "file_checksum", "folder_checksums", "verify_file", "check_npy_size",
+           "load_npy", "read_json", "reading", "corrupt"]
 
 # Files up to this size are hashed whole; larger ones by their two ends.
 SMALL_FILE = 4 * 2**20
@@ -43,14 +43,21 @@ def corrupt(path, detail: str, hint: str) -> InvalidInputError:
     return InvalidInputError(f"{path}: truncated or corrupt ({detail}); {hint}")
 
 
-def _digest(path: Path, size: int) -> tuple[str, str]:
-    """("sha256", whole-file digest) for small files, ("sha256_ends", digest of both ends) for large ones."""
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a whole file, read in blocks (memory stays bounded whatever its size)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        if size <= SMALL_FILE:
-            for block in iter(lambda: f.read(_BLOCK), b""):
-                digest.update(block)
-            return "sha256", digest.hexdigest()
+        for block in iter(lambda: f.read(_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _digest(path: Path, size: int) -> tuple[str, str]:
+    """("sha256", whole-file digest) for small files, ("sha256_ends", digest of both ends) for large ones."""
+    if size <= SMALL_FILE:
+        return "sha256", sha256_file(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
         digest.update(f.read(ENDS))
         f.seek(size - ENDS)
         digest.update(f.read(ENDS))

@@ -8,7 +8,6 @@ step, and the copy of NSD's stimuli. Every error a user can cause is a one-line
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -41,11 +40,9 @@ def file_identity(path: Path, full_hash: bool) -> dict:
     """Size and SHA-256 of a file; size and mtime instead above ``HASH_LIMIT`` unless ``full_hash``."""
     stat = path.stat()
     if full_hash or stat.st_size <= HASH_LIMIT:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(2**22), b""):
-                digest.update(block)
-        return {"bytes": stat.st_size, "sha256": digest.hexdigest()}
+        from brainmclip.integrity import sha256_file
+
+        return {"bytes": stat.st_size, "sha256": sha256_file(path)}
     return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 

@@ -340,14 +340,12 @@ def _differences(previous: dict | None, current: dict) -> list[str]:
 
 def _file_sha256(path: Path) -> str:
     """sha256 of a file; a Hugging Face cache link names its blob by content hash, which is used as it is."""
+    from brainmclip.integrity import sha256_file
+
     target = path.resolve()
     if path.is_symlink() and re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", target.name):
         return target.name
-    digest = hashlib.sha256()
-    with open(target, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(target)
 
 
 _MODEL_FILES = (".json", ".txt", ".safetensors", ".bin", ".model")

@@ -5,7 +5,6 @@ Each exported model folder holds ``model_card.json`` (machine-readable) and ``RE
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import subprocess
@@ -16,6 +15,7 @@ import torch
 from brainmclip import __version__
 from brainmclip.atomic import write_bytes_atomic, write_json_atomic
 from brainmclip.errors import MissingInputError
+from brainmclip.integrity import sha256_file
 
 __all__ = ["code_version", "file_checksums", "write_model_card", "read_model_card"]
 
@@ -40,7 +40,7 @@ def file_checksums(folder: Path) -> dict[str, str]:
     out = {}
     for path in sorted(Path(folder).rglob("*")):
         if path.is_file() and path.name not in ("model_card.json", "README.md"):
-            out[path.relative_to(folder).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+            out[path.relative_to(folder).as_posix()] = sha256_file(path)
     return out
 
 
