@@ -82,11 +82,11 @@ def _add_prepare(sub) -> None:
     p.add_argument("--sessions", type=_session_list,
                    help="explicit sessions, e.g. 1-20 (overrides the test set's range)")
     p.add_argument("--betas-version", default="betas_fithrf_GLMdenoise_RR", help="betas folder under func1pt8mm")
-    p.add_argument("--normalize", default=None, choices=NORMALIZATIONS,
+    p.add_argument("--normalize", default=None, choices=(*NORMALIZATIONS, "zscore"),
                    help="session: per-session z-score with train trials (default for NSD, leakage-safe); "
                         "brain-diffuser: average, then z-score with every non-test image (train and val, sd ddof=1); "
-                        "none: as the files hold them (default for published formats, which their authors normalised "
-                        "already)")
+                        "none: as the files hold them (default for published NSD formats, which their authors "
+                        "normalised already); zscore: god only (its default), per voxel with the train and val rows")
     p.add_argument("--single-trial", action="store_true", help="keep repeats as separate rows")
     p.add_argument("--val-size", type=int, help="images held out from the end of train (default: 859/8859 of train)")
     p.add_argument("--detail-voxels", default="roi", choices=("roi", "nsdgeneral"),
@@ -96,16 +96,36 @@ def _add_prepare(sub) -> None:
     p.add_argument("--full-hash", action="store_true", help="SHA-256 every input (default: size+mtime above 64 MB)")
     p.add_argument("--force", action="store_true", help="replace an existing prepared dataset with other settings")
     p.add_argument("--keep-work", action="store_true", help="keep the per-session intermediate files")
-    p.add_argument("--format", default="nsd", choices=("nsd", "brain-diffuser", "mindeye1", "mindeye2"),
-                   help="input format: official NSD tree (default) or a published preprocessed format")
-    p.add_argument("--input", type=Path, help="folder of the published format (with --format other than nsd)")
+    p.add_argument("--format", default="nsd", choices=("nsd", "brain-diffuser", "mindeye1", "mindeye2", "god"),
+                   help="input format: official NSD tree (default), a published preprocessed NSD format, or the "
+                        "Generic Object Decoding dataset's BData files (god)")
+    p.add_argument("--input", type=Path, help="folder of the published format (with --format other than nsd; for "
+                                              "god: SubjectN.h5 or its folder)")
+    p.add_argument("--images", type=Path, help="god: folder of the stimulus images (n01518878_5958.JPEG ...)")
+    p.add_argument("--class-names", type=Path, help="god: 'wnid,name' lines (default: the WordNet ids as names)")
+    p.add_argument("--image-size", type=int, default=256, help="god: side of the stored square images (default 256)")
     p.set_defaults(func=_run_prepare)
 
 
 def _run_prepare(args) -> int:
     from brainmclip.data.prepare import PrepareOptions, prepare_subject
 
-    if args.format == "nsd":
+    god_only = [flag for flag, value in (("--images", args.images), ("--class-names", args.class_names))
+                if value is not None]
+    if args.format != "god" and (god_only or args.normalize == "zscore"):
+        raise InvalidInputError(f"{', '.join(god_only) or '--normalize zscore'}: for --format god only")
+    if args.format == "god":
+        from brainmclip.data.god import prepare_god
+
+        if args.input is None:
+            raise InvalidInputError("--input is required for --format god (SubjectN.h5 or its folder)")
+        if args.normalize not in (None, "zscore", "none"):
+            raise InvalidInputError(f"--normalize {args.normalize}: GOD takes zscore (default) or none")
+        prepared = prepare_god(args.input, args.subject, args.out, images=args.images, class_names=args.class_names,
+                               val_size=args.val_size, force=args.force, progress=not args.quiet,
+                               normalize=args.normalize or "zscore", image_size=args.image_size,
+                               full_hash=args.full_hash)
+    elif args.format == "nsd":
         if args.nsd_root is None:
             raise InvalidInputError("--nsd-root is required for --format nsd")
         options = PrepareOptions(test_set=args.test_set or "old", sessions=args.sessions, betas_version=args.betas_version,
@@ -171,17 +191,21 @@ def _run_extract(args) -> int:
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a decoder (BrainMCLIP or ridge) on a prepared dataset + feature store",
-                       description="Train a decoder. --method gt_embedding fits nothing: its predictions are the images' "
-                                   "own CLIP targets, the upper bound of reconstruction from embeddings.")
+    from brainmclip.models.registry import METHODS
+
+    methods = "; ".join(f"{m.name}: {m.description}" for m in METHODS.values())
+    p = sub.add_parser("train", help="train a decoder (BrainMCLIP, BrainCLIP, ridge, ...) on a prepared dataset + "
+                                     "feature store",
+                       description=f"Train a decoder. Methods: {methods}. Options a method does not take are refused.")
     p.add_argument("--data", required=True, type=Path, help="prepared dataset folder")
     p.add_argument("--features", required=True, type=Path, help="CLIP feature store folder")
     p.add_argument("--config", action="append", default=None,
-                   help="config name or JSON path; repeat to layer files (default: brain_mclip). Names: "
-                        "brain_mclip, brain_mclip_tiny, brain_mclip_24gb, ablations/text_only, ...")
+                   help="config name or JSON path; repeat to layer files (default: the method's own, e.g. "
+                        "brain_mclip, brainclip_linear_v, ridge). Names: brain_mclip_tiny, ablations/text_only, "
+                        "brainclip_vae_vt, ridge_clip_v, ...")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=5")
-    p.add_argument("--method", default="brain_mclip", choices=("brain_mclip", "ridge", "gt_embedding"))
+    p.add_argument("--method", default="brain_mclip", choices=tuple(METHODS))
     p.add_argument("--out", required=True, type=Path, help="run folder")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (from its beginning if it has none yet)")
@@ -193,29 +217,14 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
-    if args.method != "brain_mclip" and (args.resume or args.stop_after_steps is not None):
-        raise InvalidInputError(f"--resume and --stop-after-steps are for --method brain_mclip; a {args.method} run is "
-                                "made in one go (rerun without them)")
-    if args.method == "gt_embedding":
-        from brainmclip.training.ground_truth import write_ground_truth_run
+    from brainmclip.models.registry import get_method
 
-        run = write_ground_truth_run(args.data, args.features, args.out, force=args.force)
-        print(f"ground-truth run at {run} (nothing to fit; brainmclip predict --run writes the test images' own "
-              "targets)")
-        return 0
-    if args.method == "ridge":
-        from brainmclip.training.ridge_fit import train_ridge
-
-        result = train_ridge(args.data, args.features, args.out, overrides=args.overrides, progress=not args.quiet,
-                             force=args.force)
-    else:
-        from brainmclip.training.loop import train_brain_mclip
-
-        # With --resume a config is only needed when --out holds no run yet; then it has to be named.
-        config = args.config or (None if args.resume else ["brain_mclip"])
-        result = train_brain_mclip(args.data, args.features, config, args.out,
-                                   resume=args.resume, overrides=args.overrides, stop_after_steps=args.stop_after_steps,
-                                   cpu=args.cpu, progress=not args.quiet, force=args.force)
+    method = get_method(args.method)
+    given = {"config": args.config, "overrides": args.overrides, "resume": args.resume,
+             "stop_after_steps": args.stop_after_steps, "cpu": args.cpu}
+    method.check_options(given)
+    kwargs = {k: v for k, v in given.items() if k in method.options}
+    result = method.train(args.data, args.features, args.out, force=args.force, progress=not args.quiet, **kwargs)
     print(result.summary())
     return 0
 
@@ -326,8 +335,16 @@ def _run_reconstruct(args) -> int:
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="the field's 8 image metrics, retrieval and statistics for reconstructions")
-    p.add_argument("--recon", required=True, nargs="+", type=Path, help="reconstruction folder(s), any subjects/methods")
+    p = sub.add_parser("evaluate", help="the field's 8 image metrics, retrieval and statistics for reconstructions; "
+                                        "or embedding retrieval (Recall@K) of predictions",
+                       description="With --recon: the eight image metrics, 300-way retrieval, intervals and paired "
+                                   "tests of reconstruction folders. With --pred: fMRI -> image and fMRI -> text "
+                                   "Recall@1/5/10 over all test items in CLIP's embedding space (BrainCLIP's table), "
+                                   "shown by brainmclip report --analyses OUT.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--recon", nargs="+", type=Path, help="reconstruction folder(s), any subjects/methods")
+    source.add_argument("--pred", nargs="+", type=Path, help="prediction folder(s) (brainmclip predict) for "
+                                                             "embedding retrieval")
     p.add_argument("--out", required=True, type=Path, help="folder for metrics.json/.csv/.md and per_image.npz")
     p.add_argument("--protocol", default="mindeye1", choices=("mindeye1", "brain-diffuser"),
                    help="mindeye1 (default: 256 px first, tensor resizes) or brain-diffuser (its scripts: pixel "
@@ -348,6 +365,14 @@ def _run_evaluate(args) -> int:
     from brainmclip.evaluation.image_metrics import MetricProtocol
 
     _check_bootstrap(args.bootstrap)
+    if args.pred:
+        from brainmclip.evaluation.embedding_retrieval import evaluate_embedding_retrieval
+
+        evaluate_embedding_retrieval(args.pred, args.out, n_boot=args.bootstrap)
+        print((args.out / "retrieval.md").read_text())
+        print(f"wrote {args.out}/retrieval.json, retrieval.md, figure.png (show it with brainmclip report --analyses "
+              f"{args.out})")
+        return 0
     protocol = MetricProtocol(name=args.protocol, ssim=args.ssim)
     report = evaluate_reconstructions(args.recon, args.out, protocol=protocol, clip_model=args.clip,
                                       weights_dir=args.weights_dir, allow_random=args.allow_random_metric_nets,
@@ -364,7 +389,8 @@ def _check_bootstrap(n: int) -> None:
 
 def _add_report(sub) -> None:
     p = sub.add_parser("report", help="a static HTML report (grids, metric table, retrieval, curves) of an evaluation")
-    p.add_argument("--eval", required=True, type=Path, help="folder written by brainmclip evaluate")
+    p.add_argument("--eval", type=Path, help="folder written by brainmclip evaluate --recon (optional when "
+                                             "--analyses give everything to show)")
     p.add_argument("--out", required=True, type=Path,
                    help="report folder (index.html + figures/): new, empty, or an earlier report (replaced)")
     p.add_argument("--title", default="brainmclip reconstructions")
@@ -378,6 +404,8 @@ def _run_report(args) -> int:
     from brainmclip.evaluation.evaluate import make_report
     from brainmclip.evaluation.report import check_report_out
 
+    if args.eval is None and not args.analyses:
+        raise InvalidInputError("give --eval (an evaluation of reconstructions) and/or --analyses folders")
     check_report_out(args.out)  # refuse a folder that is not a report before reading the evaluation
     print(f"report: {make_report(args.eval, args.out, title=args.title, analyses=args.analyses)}")
     return 0
@@ -476,6 +504,17 @@ def _run_demo(args) -> int:
     return 0
 
 
+def _add_module_command(sub, name: str, module_name: str, help_text: str | None = None) -> None:
+    """A subcommand whose arguments and action live in ``module_name`` (``add_arguments`` / ``run``)."""
+    import importlib
+
+    module = importlib.import_module(module_name)
+    text = help_text or module.HELP
+    p = sub.add_parser(name, help=text, description=text)
+    module.add_arguments(p)
+    p.set_defaults(func=module.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brainmclip", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"brainmclip {__version__}")
@@ -483,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_simulate(sub)
+    _add_module_command(sub, "simulate-god", "brainmclip.data.synthetic.god",
+                        "write a simulated Generic Object Decoding dataset (BData HDF5 files + stimulus images)")
     _add_prepare(sub)
     _add_extract(sub)
     _add_train(sub)
@@ -490,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(sub)
     _add_reconstruct(sub)
     _add_evaluate(sub)
+    _add_module_command(sub, "classify", "brainmclip.evaluation.zero_shot")
     _add_report(sub)
     _add_miniature(sub)
     _add_analyze(sub)
@@ -636,7 +678,7 @@ _RESUMABLE = ("simulate", "prepare", "extract", "reconstruct", "sweep", "ablate"
 
 def _after_interrupt(args) -> str:
     """What to run after Ctrl-C, true for the command that was interrupted."""
-    if args.command == "train" and args.method == "brain_mclip":
+    if args.command == "train" and args.method in ("brain_mclip", "brainclip"):
         if args.resume:
             return "rerun the same command to continue from the last checkpoint"
         return "rerun it with --resume added to continue from the last checkpoint"

@@ -63,7 +63,7 @@ def check_out(out: Path, identity: dict, force: bool) -> str:
     # An unreadable identity (a cut write) cannot match: that work is not resumed.
     if work_identity.is_file() and _json_or_none(work_identity) == same and not force:
         return "resume"
-    known = {"manifest.json", "voxels.npz", ".work", ".staging", "train", "val", "test"}
+    known = {"manifest.json", "voxels.npz", ".work", ".staging", "train", "val", "test", "labels.json"}
     if not force:
         if {p.name for p in output_entries(out)} <= known:
             raise OutputInTheWayError(f"{out} holds a dataset prepared from other inputs or options; "

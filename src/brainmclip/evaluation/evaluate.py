@@ -280,13 +280,14 @@ def make_report(eval_dir, out, title: str = "brainmclip reconstructions", debug_
                 analyses=()) -> Path:
     """An HTML report (grids, metric table with intervals, retrieval, training curves) from an evaluation folder.
 
-    ``analyses``: folders holding finished analyses (``brainmclip analyze`` / ``ablate`` outputs, or
+    ``eval_dir`` may be None when ``analyses`` give everything to show (e.g. BrainCLIP's retrieval and
+    zero-shot tables). ``analyses``: folders holding finished analyses (``brainmclip analyze`` / ``ablate`` outputs, or
     folders of them); each gets a section of the report.
     """
     from brainmclip.analysis.common import find_analyses
     from brainmclip.evaluation.report import ReportRun, read_tensorboard_scalars, write_report
 
-    report = load_evaluation(eval_dir)
+    report = load_evaluation(eval_dir) if eval_dir is not None else {"runs": [], "published": [], "protocol": None}
     runs = []
     for e in report["runs"]:
         recon = load_reconstructions(e.reconstructions)

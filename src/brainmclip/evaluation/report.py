@@ -514,10 +514,16 @@ def _render_html(title: str, runs: Sequence[ReportRun], published: Sequence[Mapp
         _IMAGE_CHECK_SCRIPT if debug_image_check else "",
         "</head><body><main>",
         f"<h1>{_e(title)}</h1>",
-        '<div class="header">'
-        f"<div><b>Subjects:</b> {_e(', '.join(map(str, subjects)))} &nbsp; <b>Methods:</b> {_e(', '.join(methods))}</div>"
-        f"<div><b>Protocol:</b> {protocol_line}</div><div><b>Data:</b> {data_line}</div></div>",
     ]
+    if not runs:  # a report of analyses only (e.g. embedding retrieval, zero-shot tables): no reconstructions
+        parts += [f'<p class="legend">{_e(note)}</p>' for note in notes]
+        parts += _analyses_html(analyses)
+        parts.append("</main></body></html>\n")
+        return "\n".join(p for p in parts if p)
+    parts.append('<div class="header">'
+                 f"<div><b>Subjects:</b> {_e(', '.join(map(str, subjects)))} &nbsp; <b>Methods:</b> "
+                 f"{_e(', '.join(methods))}</div>"
+                 f"<div><b>Protocol:</b> {protocol_line}</div><div><b>Data:</b> {data_line}</div></div>")
     parts += [f'<p class="legend">{_e(note)}</p>' for note in notes]
     table, any_unc = _metric_table(runs, published, clip_label)
     parts += ['<h2 id="metrics-h">Metrics</h2>', table,
@@ -563,9 +569,9 @@ def _render_html(title: str, runs: Sequence[ReportRun], published: Sequence[Mapp
 # --------------------------------------------------------------------------- entry point
 
 
-def _validate(runs: Sequence[ReportRun]) -> None:
-    if not runs:
-        raise InvalidInputError("write_report: no runs given")
+def _validate(runs: Sequence[ReportRun], analyses: Sequence[Mapping] = ()) -> None:
+    if not runs and not analyses:
+        raise InvalidInputError("write_report: no runs and no analyses given; nothing to show")
     seen = set()
     for k, run in enumerate(runs):
         if not isinstance(run, ReportRun):
@@ -664,7 +670,7 @@ def write_report(out_dir, runs: Sequence[ReportRun], title: str = "BrainMCLIP re
     ``debug_image_check`` adds a tiny script that sets ``document.title`` to ``"images-ok"`` once
     every image has loaded (or ``"images-broken: N"``); for tests only, the default page has no script.
     """
-    _validate(runs)
+    _validate(runs, analyses)
     published = list(published or [])
     out_dir = Path(out_dir).absolute()
     check_report_out(out_dir)  # before any work: a folder that is not ours is never touched

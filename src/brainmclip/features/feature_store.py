@@ -190,8 +190,9 @@ class FeatureStore:
             self._maps[key] = self._load(shard, f"{target}.npy", mmap=True)
         return self._maps[key]
 
-    def get(self, ids, targets=TARGETS, dtype=np.float32) -> dict[str, np.ndarray]:
-        """Features of ``ids`` (in that order): ``{target: (n, tokens, embed_dim)}``."""
+    def get(self, ids, targets=TARGETS, dtype=np.float32, token: int | None = None) -> dict[str, np.ndarray]:
+        """Features of ``ids`` (in that order): ``{target: (n, tokens, embed_dim)}``; with ``token``, only that
+        token of each row, ``(n, embed_dim)`` (reads a fraction of the bytes)."""
         index = self._build_index()
         ids = np.asarray(ids, np.int64).ravel()
         missing = [int(i) for i in ids if int(i) not in index]
@@ -205,6 +206,8 @@ class FeatureStore:
                 raise InvalidInputError(f"Unknown target={target!r}; choose from {list(TARGETS)}")
             first = self._array(index[int(ids[0])][0], target) if len(ids) else None
             shape = first.shape[1:] if first is not None else (0,)
+            if token is not None:
+                shape = shape[1:]
             result = np.empty((len(ids), *shape), dtype)
             by_shard: dict[str, list[tuple[int, int]]] = {}
             for pos, nsd_id in enumerate(ids.tolist()):
@@ -212,7 +215,8 @@ class FeatureStore:
                 by_shard.setdefault(shard, []).append((pos, row))
             for shard, pairs in by_shard.items():
                 pos, rows = map(np.array, zip(*pairs, strict=True))
-                result[pos] = self._array(shard, target)[rows]
+                block = self._array(shard, target)
+                result[pos] = block[rows] if token is None else block[rows, token]
             out[target] = result
         return out
 

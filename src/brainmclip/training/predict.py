@@ -17,7 +17,7 @@ from brainmclip.paths import record_path, resolve_path
 from brainmclip.training.checkpoint import identity_of
 from brainmclip.training.data import PairedSplit, voxel_mismatch
 
-__all__ = ["predict", "average_by_stimulus"]
+__all__ = ["predict", "average_by_stimulus", "brain_mclip_outputs"]
 
 
 def average_by_stimulus(stimulus_ids: np.ndarray, arrays: dict[str, np.ndarray]):
@@ -52,7 +52,7 @@ def _read_run(run_dir: Path) -> dict:
 
 
 @torch.no_grad()
-def _brain_mclip_outputs(run_dir: Path, run: dict, split: PairedSplit, batch_size: int = 64) -> dict[str, np.ndarray]:
+def brain_mclip_outputs(run_dir: Path, run: dict, split: PairedSplit, batch_size: int = 64) -> dict[str, np.ndarray]:
     from brainmclip.training.loop import load_best_model
 
     model = load_best_model(run_dir)
@@ -86,26 +86,15 @@ def _predict(run_dir: Path, split: str, out: Path, data) -> Path:
     prepared = load_prepared(data)
     if split not in prepared.splits:
         raise InvalidInputError(f"Unknown split={split!r}; choose from {sorted(prepared.splits)}")
-    cfg = run["config"].get("data", {})
-    paired = PairedSplit(prepared, split, None, cfg.get("semantic_group", "semantic"), cfg.get("detail_group", "detail"))
-    if run["method"] == "brain_mclip":
-        arrays = _brain_mclip_outputs(run_dir, run, paired)
-    elif run["method"] == "ridge":
-        from brainmclip.training.ridge_fit import ridge_outputs
+    from brainmclip.models.registry import get_method
 
-        arrays = ridge_outputs(run_dir, paired)
-    elif run["method"] == "gt_embedding":
-        from brainmclip.training.ground_truth import ground_truth_outputs
-
-        arrays = ground_truth_outputs(run, paired, run_dir)
-    else:
-        raise InvalidInputError(f"{run_dir}: unknown method {run['method']!r}")
-    ids = paired.stimulus_ids
+    arrays = get_method(run["method"]).outputs(run_dir, run, prepared, split)
+    ids = prepared.splits[split].stimulus_ids
     averaged = len(np.unique(ids)) < len(ids)
     if averaged:
         ids, arrays = average_by_stimulus(ids, arrays)
     manifest = {"method": run["method"], "subject": prepared.subject, "split": split, "run": record_path(run_dir, out),
                 "data": identity_of(data / "manifest.json"), "test_set": prepared.manifest.get("test_set"),
                 "averaged_over_repeats": averaged, "parameters": run.get("parameters", {}),
-                "code_version": __version__}
+                "code_version": __version__, **({"clip": run["clip"]} if run.get("clip") else {})}
     return write_predictions(out, ids, arrays, manifest)

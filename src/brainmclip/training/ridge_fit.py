@@ -1,8 +1,11 @@
 """The ridge baseline: fMRI -> the same CLIP targets, alpha chosen by cross-validation on train.
 
-One :class:`~brainmclip.models.ridge.RidgeDecoder` per target block (e_I,S, e_I,D, E_T), each
-solving all of its columns through one shared SVD per fold. Runs and predictions have the
-same layout as BrainMCLIP's, so every later stage treats both alike.
+With ``ridge.targets = "tokens"`` (BrainMCLIP's baseline) one :class:`~brainmclip.models.ridge.RidgeDecoder`
+per target block (e_I,S, e_I,D, E_T), each solving all of its columns through one shared SVD per fold.
+With ``"clip_image"`` or ``"clip_text"`` (BrainCLIP's baseline, the paper's "Baseline-Ridge V / T") one
+decoder to CLIP's pooled image embedding or to the mean of the image's caption embeddings; its
+prediction is one CLIP-space vector per image, written like BrainCLIP's. Runs and predictions have the
+same layout as the other methods', so every later stage treats all alike.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ import numpy as np
 
 from brainmclip import __version__
 from brainmclip.atomic import output_lock, write_json_atomic
-from brainmclip.config import apply_overrides, check_choice, check_float, check_int, check_sections
+from brainmclip.config import apply_overrides, check_choice, check_float, check_int, check_sections, load_config, merge
 from brainmclip.data.prepared import load_prepared
 from brainmclip.errors import InvalidInputError, OutputInTheWayError
 from brainmclip.features.feature_store import TARGETS, open_feature_store
-from brainmclip.models.ridge import _ALPHA_MODES, DEFAULT_ALPHAS, RidgeDecoder
+from brainmclip.models.ridge import _ALPHA_MODES, RidgeDecoder
 from brainmclip.paths import record_path
 from brainmclip.training.checkpoint import identity_of
 from brainmclip.training.data import PairedSplit, voxel_mismatch
@@ -30,11 +33,9 @@ __all__ = ["DEFAULT_RIDGE_CONFIG", "train_ridge", "ridge_outputs", "RidgeResult"
 
 log = logging.getLogger("brainmclip.train")
 
-DEFAULT_RIDGE_CONFIG = {
-    "method": "ridge",
-    "data": {"voxels": "all", "semantic_group": "semantic", "detail_group": "detail"},
-    "ridge": {"alphas": list(DEFAULT_ALPHAS), "n_folds": 5, "alpha_per": "block"},
-}
+# The defaults live in the config file ``ridge.json`` (logspace(1, 6, 8) alphas, 5 folds, one alpha per block).
+DEFAULT_RIDGE_CONFIG = load_config("ridge")
+RIDGE_TARGETS = ("tokens", "clip_image", "clip_text")
 
 
 @dataclass(frozen=True)
@@ -71,15 +72,29 @@ def check_ridge_config(cfg: dict) -> dict:
         check_float("ridge.alphas[]", alpha, 0, low_open=True)
     check_int("ridge.n_folds", ridge["n_folds"], 2)
     check_choice("ridge.alpha_per", ridge["alpha_per"], _ALPHA_MODES)
+    check_choice("ridge.targets", ridge["targets"], RIDGE_TARGETS)
     return cfg
 
 
-def train_ridge(data, features, out, overrides: list[str] | None = None, progress: bool = True,
+def resolve_ridge_config(config=None, overrides: list[str] | None = None) -> dict:
+    """Defaults, then config files (names or paths, e.g. ``ridge_clip_image``), then ``--set`` overrides; checked."""
+    cfg = merge(DEFAULT_RIDGE_CONFIG, load_config(config)) if config else DEFAULT_RIDGE_CONFIG
+    unknown = {k: sorted(set(v) - set(DEFAULT_RIDGE_CONFIG[k])) for k, v in cfg.items()
+               if isinstance(v, dict) and k in DEFAULT_RIDGE_CONFIG and set(v) - set(DEFAULT_RIDGE_CONFIG[k])}
+    if unknown:
+        section, keys = next(iter(unknown.items()))
+        raise InvalidInputError(f"Unknown {section} config keys {keys}; known: {sorted(DEFAULT_RIDGE_CONFIG[section])}")
+    if cfg.get("method", "ridge") != "ridge":
+        raise InvalidInputError(f"method={cfg['method']!r}: a ridge config needs method 'ridge'")
+    return check_ridge_config(apply_overrides(cfg, overrides or []))
+
+
+def train_ridge(data, features, out, config=None, overrides: list[str] | None = None, progress: bool = True,
                 force: bool = False) -> RidgeResult:
     """Fit the ridge baseline into ``out``; ``force`` first deletes a run (and its predictions) there."""
     start = time.perf_counter()
     out = Path(out)
-    cfg = check_ridge_config(apply_overrides(DEFAULT_RIDGE_CONFIG, overrides or []))
+    cfg = resolve_ridge_config(config, overrides)
     with output_lock(out):
         if (out / RUN_FILE).exists() and not force:
             raise OutputInTheWayError(f"{out} already holds a run; pass --force to replace it or choose another --out")
@@ -99,9 +114,8 @@ def _fit(cfg, prepared, store, train: PairedSplit, data, features, out: Path, st
     rows = np.arange(len(train))
     X = _inputs(train, rows, cfg["data"]["voxels"])
     out.mkdir(parents=True, exist_ok=True)
-    alphas, params = {}, {}
-    for target in TARGETS:
-        Y = store.get(train.stimulus_ids[rows], [target])[target]
+    alphas, params, extra = {}, {}, {}
+    for target, Y in _targets(cfg, store, prepared, train.stimulus_ids[rows]):
         decoder = RidgeDecoder(alphas=cfg["ridge"]["alphas"], n_folds=cfg["ridge"]["n_folds"],
                                alpha_per=cfg["ridge"]["alpha_per"]).fit(X, Y)
         decoder.save(out / f"ridge_{target}.npz")
@@ -109,14 +123,33 @@ def _fit(cfg, prepared, store, train: PairedSplit, data, features, out: Path, st
         params[target] = int(X.shape[1] * np.prod(Y.shape[1:]))
         log.info("ridge %s: alpha %g (CV over %d alphas, %d folds)", target, alphas[target],
                  len(cfg["ridge"]["alphas"]), cfg["ridge"]["n_folds"])
+    if cfg["ridge"]["targets"] != "tokens":
+        from brainmclip.features.pooled import clip_name_of
+
+        extra["clip"] = clip_name_of(store)
     params["total"] = sum(params.values())
     identities = {"data": identity_of(Path(data) / "manifest.json"),
                   "features": identity_of(Path(features) / "manifest.json")}
     write_json_atomic(out / RUN_FILE, {"method": "ridge", "config": cfg, "identities": identities,
                                          "data": record_path(data, out), "features": record_path(features, out),
                                          "subject": prepared.subject, "alphas": alphas, "parameters": params,
-                                         "code_version": __version__})
+                                         "code_version": __version__, **extra})
     return RidgeResult(out, alphas, time.perf_counter() - start, params)
+
+
+def _targets(cfg: dict, store, prepared, ids: np.ndarray):
+    """``(name, Y)`` for each decoder the run fits."""
+    kind = cfg["ridge"]["targets"]
+    if kind == "tokens":
+        for target in TARGETS:
+            yield target, store.get(ids, [target])[target]
+        return
+    from brainmclip.features import pooled
+
+    if kind == "clip_image":
+        yield "clip", pooled.image_embeddings(store, ids)
+    else:
+        yield "clip", pooled.caption_embeddings(store, [prepared], ids).mean()
 
 
 def ridge_outputs(run_dir: Path, split: PairedSplit) -> dict[str, np.ndarray]:
@@ -126,12 +159,22 @@ def ridge_outputs(run_dir: Path, split: PairedSplit) -> dict[str, np.ndarray]:
     voxels = run["config"]["data"]["voxels"]
     X = _inputs(split, np.arange(len(split)), voxels)
     outputs = {}
+    if run["config"]["ridge"].get("targets", "tokens") != "tokens":
+        from brainmclip.features.pooled import unit
+
+        decoder = RidgeDecoder.load(Path(run_dir) / "ridge_clip.npz")
+        _check_width(decoder, X, run_dir, run, split, voxels)
+        f = unit(decoder.predict(X))[:, None, :]
+        return {"image": f, "text": f.copy()}
     for target in TARGETS:
         decoder = RidgeDecoder.load(Path(run_dir) / f"ridge_{target}.npz")
-        if decoder.n_features_in_ != X.shape[1]:
-            what = "nsdgeneral voxels" if voxels == "all" else "detail voxels"
-            raise voxel_mismatch(run_dir, run.get("subject"), f"{decoder.n_features_in_} {what}", split,
-                                 f"{X.shape[1]}")
+        _check_width(decoder, X, run_dir, run, split, voxels)
         outputs[target] = decoder.predict(X).astype(np.float32)
     return {"image": (outputs["image_semantic"] + outputs["image_detail"]) / 2, "text": outputs["text"],
             "image_semantic": outputs["image_semantic"], "image_detail": outputs["image_detail"]}
+
+
+def _check_width(decoder, X: np.ndarray, run_dir, run: dict, split: PairedSplit, voxels: str) -> None:
+    if decoder.n_features_in_ != X.shape[1]:
+        what = "nsdgeneral voxels" if voxels == "all" else "detail voxels"
+        raise voxel_mismatch(run_dir, run.get("subject"), f"{decoder.n_features_in_} {what}", split, f"{X.shape[1]}")

@@ -21,7 +21,8 @@ RUN_FILE = "run.json"
 CHECKPOINT_FILE = "checkpoint_last.pt"
 # Files and folders the trainers write into a run folder (BrainMCLIP, ridge and the ground-truth run).
 RUN_FILES = (RUN_FILE, CHECKPOINT_FILE, "model_best.safetensors", "balance.json", "train.log", "tensorboard",
-             "ridge_image_semantic.npz", "ridge_image_detail.npz", "ridge_text.npz")
+             "ridge_image_semantic.npz", "ridge_image_detail.npz", "ridge_text.npz", "ridge_clip.npz",
+             "embedding_vae.safetensors")
 # brainmclip predict's default outputs inside a run; stale once the run is trained again.
 PREDICTION_FOLDERS = ("predictions_train", "predictions_val", "predictions_test")
 _PREDICTION_FORMAT_PREFIX = "brainmclip-predictions/"
