@@ -44,9 +44,15 @@ from brainmclip.miniature.clip import load_miniature_config
 from brainmclip.models.brain_mclip import BrainMCLIPConfig
 
 found = {"configs": list_configs(), "presets": list_presets(), "random_clips": list_random_configs()}
+from brainmclip.models.registry import get_method
+
 for name in found["configs"]:
-    cfg = load_config(["brain_mclip", name])
-    BrainMCLIPConfig.from_dict({**cfg["model"], "n_semantic_voxels": 8, "n_detail_voxels": 8, "embed_dim": 16})
+    method = load_config(name).get("method", "brain_mclip")
+    if method == "brain_mclip":  # ablation files hold only their switch: layered on the paper's config
+        cfg = load_config(["brain_mclip", name])
+        BrainMCLIPConfig.from_dict({**cfg["model"], "n_semantic_voxels": 8, "n_detail_voxels": 8, "embed_dim": 16})
+    else:
+        get_method(method).resolve_config([name])
 assert set(PRESETS) == set(found["presets"])
 for name in found["random_clips"]:
     assert random_clip(name).identity["config_sha256"]

@@ -368,7 +368,7 @@ def _run_evaluate(args) -> int:
     if args.pred:
         from brainmclip.evaluation.embedding_retrieval import evaluate_embedding_retrieval
 
-        evaluate_embedding_retrieval(args.pred, args.out, n_boot=args.bootstrap)
+        evaluate_embedding_retrieval(args.pred, args.out, n_boot=args.bootstrap, progress=not args.quiet)
         print((args.out / "retrieval.md").read_text())
         print(f"wrote {args.out}/retrieval.json, retrieval.md, figure.png (show it with brainmclip report --analyses "
               f"{args.out})")
@@ -530,6 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     _add_info(sub)
     _add_reconstruct(sub)
+    _add_module_command(sub, "reconstruct-clip", "brainmclip.generation.clip_guided",
+                        "BrainCLIP: images of predicted CLIP embeddings by CLIP-guided Stable Diffusion (one PNG each)")
     _add_evaluate(sub)
     _add_module_command(sub, "classify", "brainmclip.evaluation.zero_shot")
     _add_report(sub)
@@ -673,7 +675,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # Commands that keep their finished work and pick up where they stopped when run again.
-_RESUMABLE = ("simulate", "prepare", "extract", "reconstruct", "sweep", "ablate", "miniature", "demo")
+_RESUMABLE = ("simulate", "simulate-god", "prepare", "extract", "reconstruct", "reconstruct-clip", "sweep", "ablate",
+              "miniature", "demo")
 
 
 def _after_interrupt(args) -> str:

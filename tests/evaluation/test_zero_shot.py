@@ -14,6 +14,7 @@ from brainmclip.errors import InvalidInputError
 from brainmclip.evaluation import zero_shot as zs
 from brainmclip.features.clip_models import load_clip
 from brainmclip.features.tokenizer import tokenize
+from brainmclip.models import coop
 
 PROMPTS = ["a photo of a dog.", "a blurry photo of the big tree.", "There is a red ball.", "a house"]
 
@@ -197,7 +198,7 @@ def test_coop_learns_to_undo_a_shared_shift(mini, scenes, tmp_path):
 
     x, y = subset(train_x, train_y, train_classes)
     context = zs.train_context(mini, x, y, [names[c] for c in train_classes], n_ctx=4, steps=100, lr=2e-3, seed=0)
-    untrained = zs.LearnedContext(zs._initial_context(mini, 4, "random", torch.Generator().manual_seed(0)).numpy())
+    untrained = zs.LearnedContext(coop._initial_context(mini, 4, "random", torch.Generator().manual_seed(0)).numpy())
 
     def accuracy(ctx, classes):
         tx, ty = subset(test_x, test_y, classes)

@@ -197,16 +197,16 @@ def test_non_finite_embeddings_never_become_images(tmp_path):
     from types import SimpleNamespace
 
     from brainmclip.errors import InvalidInputError
-    from brainmclip.generation.reconstruct import _check_finite
+    from brainmclip.generation.reconstruct import check_finite_predictions
 
     image = np.zeros((len(IDS), 4, 3), np.float32)
     image[2, 1, 0] = np.nan
     with pytest.raises(InvalidInputError, match="NaN or inf; refusing"):
         write_predictions(tmp_path / "pred", IDS, {"image": image}, {"method": "ridge"})
     with pytest.raises(InvalidInputError, match=r"image\.npy: row 2 \(NSD id 42\) holds NaN or inf"):
-        _check_finite(SimpleNamespace(image=image, text=None, stimulus_ids=IDS), tmp_path)
+        check_finite_predictions(SimpleNamespace(image=image, text=None, stimulus_ids=IDS), tmp_path)
     image[2, 1, 0] = 0.0
-    _check_finite(SimpleNamespace(image=image, text=np.ones((len(IDS), 2, 3)), stimulus_ids=IDS), tmp_path)
+    check_finite_predictions(SimpleNamespace(image=image, text=np.ones((len(IDS), 2, 3)), stimulus_ids=IDS), tmp_path)
 
 
 def test_more_ids_than_embedding_rows_is_refused(cli, tmp_path):

@@ -28,7 +28,8 @@ from brainmclip.features.pooled import caption_embeddings, image_embeddings, poo
 from brainmclip.models.predictions import load_predictions
 from brainmclip.paths import resolve_path
 
-__all__ = ["KS", "describe_run", "evaluate_embedding_retrieval", "query_ranks", "recall_with_interval"]
+__all__ = ["KS", "describe_run", "evaluate_embedding_retrieval", "mcnemar_p", "paired_comparisons", "query_ranks",
+           "recall_with_interval"]
 
 KS = (1, 5, 10)
 
@@ -71,7 +72,7 @@ def describe_run(method: str, config: dict) -> str:
     return {"brain_mclip": "BrainMCLIP", "gt_embedding": "GT embedding"}.get(method, method)
 
 
-def _score(pred_dir: Path, n_boot: int, seed: int) -> dict:
+def _score(pred_dir: Path, n_boot: int, seed: int, progress: bool = True) -> dict:
     pred = load_predictions(pred_dir)
     run_dir = resolve_path(pred.manifest["run"], pred_dir) if pred.manifest.get("run") else None
     run_file = run_dir / "run.json" if run_dir else None
@@ -86,7 +87,7 @@ def _score(pred_dir: Path, n_boot: int, seed: int) -> dict:
         raise InvalidInputError(f"{pred_dir}: {len(ids)} items; retrieval needs at least 2")
     f = pooled_prediction(pred)
     images = image_embeddings(store, ids)
-    texts = caption_embeddings(store, [prepared], ids).mean()
+    texts = caption_embeddings(store, [prepared], ids, progress=progress).mean()
     if f.shape[1] != images.shape[1]:
         raise InvalidInputError(f"{pred_dir}: embeddings of width {f.shape[1]}, the feature store's CLIP has "
                                 f"{images.shape[1]}; score predictions against the store they were trained on")
@@ -94,8 +95,36 @@ def _score(pred_dir: Path, n_boot: int, seed: int) -> dict:
     result = {"label": label, "method": pred.method, "subject": pred.subject, "split": pred.split,
               "n_items": len(ids), "predictions": str(pred_dir)}
     for name, candidates in (("image", images), ("text", texts)):
-        result[name] = recall_with_interval(query_ranks(f @ candidates.T), n_boot=n_boot, seed=seed)
+        ranks = query_ranks(f @ candidates.T)
+        result[name] = recall_with_interval(ranks, n_boot=n_boot, seed=seed)
+        result.setdefault("ranks", {})[name] = ranks.tolist()  # per query, for paired tests between methods
+    result["stimulus_ids"] = ids.tolist()
     return result
+
+
+def mcnemar_p(hits_a, hits_b) -> float:
+    """Two-sided exact McNemar test of paired hit/miss outcomes (binomial on the discordant pairs)."""
+    from scipy.stats import binomtest
+
+    a, b = np.asarray(hits_a, bool), np.asarray(hits_b, bool)
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    return 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+
+
+def paired_comparisons(rows: list[dict]) -> list[dict]:
+    """Every method against each ridge baseline of the same subject and test items: R@1 difference and the exact
+    McNemar p-value of the paired hits."""
+    out = []
+    for r in rows:
+        for base in rows:
+            if base is r or base["method"] != "ridge" or r["method"] == "ridge" or base["subject"] != r["subject"] \
+                    or base["stimulus_ids"] != r["stimulus_ids"]:
+                continue
+            for kind in ("image", "text"):
+                a, b = np.asarray(r["ranks"][kind]) <= 1, np.asarray(base["ranks"][kind]) <= 1
+                out.append({"subject": r["subject"], "task": kind, "method": r["label"], "baseline": base["label"],
+                            "recall@1_difference": float(a.mean() - b.mean()), "mcnemar_p": mcnemar_p(a, b)})
+    return out
 
 
 def _cell(entry: dict) -> str:
@@ -152,21 +181,27 @@ def _figure(rows: list[dict], path: Path) -> None:
 
 
 @locks_output()
-def evaluate_embedding_retrieval(pred_dirs, out, n_boot: int = 1000, seed: int = 0) -> dict:
+def evaluate_embedding_retrieval(pred_dirs, out, n_boot: int = 1000, seed: int = 0, progress: bool = True) -> dict:
     """Score prediction folders by retrieval; write ``out/retrieval.json``, ``retrieval.md`` and an analysis
     manifest + figure for the report. Returns the JSON content."""
     if n_boot < 1:
         raise InvalidInputError(f"n_boot={n_boot}: expected at least 1 bootstrap resample")
     out = Path(out)
-    rows = [_score(Path(p), n_boot, seed) for p in pred_dirs]
+    rows = [_score(Path(p), n_boot, seed, progress) for p in pred_dirs]
     out.mkdir(parents=True, exist_ok=True)
     report = {"format": "brainmclip-retrieval/1", "ks": list(KS), "interval": "95% percentile bootstrap over queries",
               "candidates": {"image": "CLIP image embeddings of all test images",
                              "text": "per test image, the normalised mean of its captions' CLIP text embeddings"},
-              "runs": rows}
+              "runs": rows, "paired": paired_comparisons(rows)}
     write_json_atomic(out / "retrieval.json", report)
     table = _table(rows)
-    write_bytes_atomic(out / "retrieval.md", _markdown(table, [r["n_items"] for r in rows]).encode())
+    text = _markdown(table, [r["n_items"] for r in rows])
+    if report["paired"]:
+        text += ("\nPaired against the ridge baselines (same test items): R@1 difference in points, exact McNemar "
+                 "p-value\n\n| subject | task | method | baseline | ΔR@1 | p |\n|---|---|---|---|---|---|\n")
+        text += "".join(f"| {c['subject']} | fMRI→{c['task']} | {c['method']} | {c['baseline']} | "
+                        f"{100 * c['recall@1_difference']:+.1f} | {c['mcnemar_p']:.3g} |\n" for c in report["paired"])
+    write_bytes_atomic(out / "retrieval.md", text.encode())
     _figure(rows, out / "figure.png")
     write_analysis(out, "retrieval", "fMRI → image / text retrieval (CLIP embedding space)",
                    "Recall@1/5/10 over all test items (candidates: every test image, or every test image's mean "

@@ -288,9 +288,12 @@ def make_report(eval_dir, out, title: str = "brainmclip reconstructions", debug_
     from brainmclip.evaluation.report import ReportRun, read_tensorboard_scalars, write_report
 
     report = load_evaluation(eval_dir) if eval_dir is not None else {"runs": [], "published": [], "protocol": None}
-    runs = []
+    runs, guided = [], []
     for e in report["runs"]:
         recon = load_reconstructions(e.reconstructions)
+        settings = recon.manifest.get("settings", {})
+        if settings.get("generator") == "clip-guided" and str(settings.get("clip")) == str(report.get("clip_model")):
+            guided.append(f"{e.method} (subject {e.subject})")
         runs.append(ReportRun(
             evaluation=e, recon_paths=[str(p) for p in recon.paths],
             truth_images=_truth_images(Path(e.data), recon.stimulus_ids),
@@ -301,6 +304,10 @@ def make_report(eval_dir, out, title: str = "brainmclip reconstructions", debug_
     if clip_label:
         notes.append(f"The CLIP column is 2-way identification with {clip_label}, not CLIP ViT-L/14: these numbers "
                      "compare our own rows and are not comparable with published CLIP numbers.")
+    if guided:
+        notes.append(f"{', '.join(guided)}: generated under the gradient of the same CLIP that scores the CLIP column "
+                     "and the category agreement, so those two figures are not independent of how the images were "
+                     "made and overstate how recognisable they are; the other columns are independent of it.")
     found = [a for folder in analyses for a in find_analyses(folder)]
     return write_report(out, runs, title=title, published=report["published"], debug_image_check=debug_image_check,
                         clip_label=clip_label, notes=notes, analyses=found)

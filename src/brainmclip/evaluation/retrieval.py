@@ -296,11 +296,19 @@ def decoded_retrieval(predictions, store, n_way: int = 300, n_repeats: int = 30,
     The image embedding is scored against the fused image target (mean of the semantic and detail
     layers, what Versatile Diffusion is conditioned on), the text embedding against the text target.
     Returns ``{"image": report, "text": report}`` for the embeddings the predictions hold; ``n_way``
-    is clipped to the number of test items.
+    is clipped to the number of test items. Pooled predictions (one token) get the image report only,
+    against CLIP's image embedding.
     """
     kinds = [k for k in ("image", "text") if getattr(predictions, k) is not None]
     if not kinds:
         return {}
+    if predictions.image is not None and predictions.image.shape[1] == 1:
+        # One pooled CLIP vector per row (BrainCLIP, ridge to pooled targets): scored against CLIP's image
+        # embedding, token 0 of the semantic target; its text retrieval needs captions (evaluate --pred).
+        target = store.get(predictions.stimulus_ids, ["image_semantic"], token=0)["image_semantic"]
+        return {"image": retrieval_report(np.asarray(predictions.image[:, 0], np.float32), target,
+                                          n_way=min(n_way, len(predictions.stimulus_ids)), n_repeats=n_repeats,
+                                          seed=seed, ks=ks)}
     fields = (("image_semantic", "image_detail") if "image" in kinds else ()) + (("text",) if "text" in kinds else ())
     targets = store.get(predictions.stimulus_ids, fields)
     out = {}

@@ -51,7 +51,9 @@ from brainmclip.models.predictions import load_predictions
 from brainmclip.paths import record_path, resolve_path
 from brainmclip.types import GeneratedImages
 
-__all__ = ["ReconstructOptions", "reconstruct", "reconstruction_identity", "load_reconstructions", "image_seed"]
+__all__ = ["RECON_FORMAT", "ReconstructOptions", "ReconstructionFolder", "reconstruct", "reconstruction_identity",
+           "load_reconstructions", "image_seed", "open_reconstruction_folder", "png_name", "check_finite_predictions",
+           "model_file_sha256", "model_folder_identity", "model_identity"]
 
 log = logging.getLogger("brainmclip.reconstruct")
 RECON_FORMAT = "brainmclip-reconstructions/1"
@@ -99,7 +101,7 @@ def image_seed(seed: int, nsd_id: int, sample: int) -> int:
     return (int(seed) * 1_000_003 + int(nsd_id) * 101 + int(sample)) % (2**63 - 1)
 
 
-def _png_name(nsd_id: int) -> str:
+def png_name(nsd_id: int) -> str:
     return f"nsd{int(nsd_id):05d}.png"
 
 
@@ -124,7 +126,7 @@ def _check_predictions(pred, embed_dim: int, path: Path, image_tokens: int | Non
                              f"(n, {want[0]}, {want[1]})")
 
 
-def _check_finite(pred, path: Path, rows: int = 256) -> None:
+def check_finite_predictions(pred, path: Path, rows: int = 256) -> None:
     """NaN or inf in an embedding would become a black or noise image with exit 0: refuse it, naming the row."""
     for name in ("image", "text"):
         value = getattr(pred, name)
@@ -161,14 +163,67 @@ def reconstruct(pred_dir, out, options: ReconstructOptions | None = None, force:
     if len(ids) and ids.min() < 0:
         raise InvalidInputError(f"{pred_dir}/stimulus_ids.npy: NSD id {int(ids.min())}; expected ids >= 0 (a "
                                 "prediction of an image whose NSD id the source did not record cannot be named)")
-    _check_finite(pred, pred_dir)
+    check_finite_predictions(pred, pred_dir)
     # bf16 on GPU only: bf16 matmuls are very slow on most CPUs.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     settings = {"options": asdict(options), "predictions": record_path(pred_dir, out),
                 "predictions_manifest": pred.manifest.get("run"), "method": pred.method, "subject": pred.subject}
-    previous = _previous_manifest(out)
     identity = reconstruction_identity(pred, pred_dir, options, device, dtype)
+    folder = open_reconstruction_folder(out, ids, settings, identity, {"generator": options.generator,
+                                                                       "clip": options.clip},
+                                        options.batch_size, force)
+    if folder.up_to_date():
+        log.info("%s: all %d images already made with these inputs and settings", out, len(ids))
+        return load_reconstructions(out)  # nothing to do: the folder is left exactly as it is
+    size = options.size or (folder.previous or {}).get("size")
+    if folder.chunks:
+        size = _generate(pred, pred_dir, out, options, ids, folder.chunks, folder.done, folder.records, device, dtype,
+                         folder.write_manifest, progress)
+    folder.write_manifest(True, size, n_images=len(ids), seconds=round(time.perf_counter() - start, 2),
+                          new_images=folder.n_new)
+    log.info("reconstructed %d images (%d new) into %s", len(ids), folder.n_new, out)
+    return load_reconstructions(out)
+
+
+@dataclass
+class ReconstructionFolder:
+    """A reconstruction folder opened for (more) images: what is done, what is left, and its manifest writer.
+
+    ``records`` (per-image entries of the manifest, keyed by NSD id) is filled by the generator as PNGs are
+    written; :meth:`write_manifest` writes it with the folder's settings and identity.
+    """
+
+    out: Path
+    ids: np.ndarray
+    settings: dict
+    identity: dict
+    generator: dict
+    previous: dict | None
+    records: dict
+    done: set
+    chunks: list
+    n_new: int
+
+    def write_manifest(self, complete: bool, size, **extra) -> None:
+        write_json_atomic(self.out / "manifest.json", {
+            "format": RECON_FORMAT, "settings": self.settings, "identity": self.identity, "generator": self.generator,
+            "size": size, "complete": complete, "images": self.records, "code_version": __version__, **extra})
+
+    def up_to_date(self) -> bool:
+        """Every image made before with the same inputs and settings: nothing to do."""
+        previous = self.previous
+        return (not self.chunks and previous is not None and bool(previous.get("complete"))
+                and self.records == previous.get("images")
+                and _without_batch_size(previous.get("settings")) == _without_batch_size(self.settings))
+
+
+def open_reconstruction_folder(out: Path, ids: np.ndarray, settings: dict, identity: dict, generator: dict,
+                               batch_size: int, force: bool) -> ReconstructionFolder:
+    """Check ``out`` against a run with ``identity`` and open it: a folder made with another identity is refused
+    unless ``force`` (which deletes the PNGs its manifest lists); otherwise finished images are kept and the
+    batches still to make are listed (a batch with any image missing is made again whole)."""
+    previous = _previous_manifest(out)
     records: dict[str, dict] = {}
     if previous is not None and previous.get("identity") != identity and not force:
         raise OutputInTheWayError(f"{out} holds reconstructions made from other inputs or settings (differing: "
@@ -183,32 +238,14 @@ def reconstruct(pred_dir, out, options: ReconstructOptions | None = None, force:
         # Records are written before their PNGs: keep those whose PNG made it to disk.
         wanted = set(ids.tolist())
         records = {key: value for key, value in (previous or {}).get("images", {}).items()
-                   if _record_key(key) in wanted and (out / _png_name(_record_key(key))).is_file()}
+                   if _record_key(key) in wanted and (out / png_name(_record_key(key))).is_file()}
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
-
     done = {int(key) for key in records}
-    chunks = [list(range(b, min(b + options.batch_size, len(ids)))) for b in range(0, len(ids), options.batch_size)]
+    chunks = [list(range(b, min(b + batch_size, len(ids)))) for b in range(0, len(ids), batch_size)]
     chunks = [rows for rows in chunks if any(int(ids[r]) not in done for r in rows)]
     n_new = sum(int(ids[r]) not in done for rows in chunks for r in rows)
-
-    def write_manifest(complete: bool, size: int, **extra) -> None:
-        write_json_atomic(out / "manifest.json", {
-            "format": RECON_FORMAT, "settings": settings, "identity": identity,
-            "generator": {"generator": options.generator, "clip": options.clip},
-            "size": size, "complete": complete, "images": records, "code_version": __version__, **extra})
-
-    if not chunks and previous is not None and previous.get("complete") and records == previous.get("images") \
-            and _without_batch_size(previous.get("settings")) == _without_batch_size(settings):
-        log.info("%s: all %d images already made with these inputs and settings", out, len(ids))
-        return load_reconstructions(out)  # nothing to do: the folder is left exactly as it is
-    size = options.size or (previous or {}).get("size")
-    if chunks:
-        size = _generate(pred, pred_dir, out, options, ids, chunks, done, records, device, dtype, write_manifest,
-                         progress)
-    write_manifest(True, size, n_images=len(ids), seconds=round(time.perf_counter() - start, 2), new_images=n_new)
-    log.info("reconstructed %d images (%d new) into %s", len(ids), n_new, out)
-    return load_reconstructions(out)
+    return ReconstructionFolder(out, ids, settings, identity, generator, previous, records, done, chunks, n_new)
 
 
 def _generate(pred, pred_dir: Path, out: Path, options: ReconstructOptions, ids: np.ndarray, chunks: list[list[int]],
@@ -268,7 +305,7 @@ def _generate(pred, pred_dir: Path, out: Path, options: ReconstructOptions, ids:
                                                "batch_size": options.batch_size}
         write_manifest(False, size)  # records first: a record without its PNG is dropped when resuming
         for j in missing:
-            with atomic_path(out / _png_name(ids[rows[j]])) as tmp:
+            with atomic_path(out / png_name(ids[rows[j]])) as tmp:
                 Image.fromarray(candidates[chosen[j]][j]).save(tmp, format="PNG")
             crash_point("reconstruct-image")
             done.add(int(ids[rows[j]]))
@@ -321,7 +358,7 @@ def _remove_previous(out: Path, previous: dict | None) -> None:
     for key in (previous or {}).get("images", {}):
         nsd_id = _record_key(key)
         if nsd_id is not None:
-            (out / _png_name(nsd_id)).unlink(missing_ok=True)
+            (out / png_name(nsd_id)).unlink(missing_ok=True)
 
 
 def _differences(previous: dict | None, current: dict) -> list[str]:
@@ -338,7 +375,7 @@ def _differences(previous: dict | None, current: dict) -> list[str]:
     return differing or ["identity"]
 
 
-def _file_sha256(path: Path) -> str:
+def model_file_sha256(path: Path) -> str:
     """sha256 of a file; a Hugging Face cache link names its blob by content hash, which is used as it is."""
     from brainmclip.integrity import sha256_file
 
@@ -351,16 +388,16 @@ def _file_sha256(path: Path) -> str:
 _MODEL_FILES = (".json", ".txt", ".safetensors", ".bin", ".model")
 
 
-def _folder_identity(folder: Path) -> str:
+def model_folder_identity(folder: Path) -> str:
     """One sha256 over the configuration and weight files under ``folder`` (names relative to it)."""
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.name.endswith(_MODEL_FILES) and p.is_file()
                        and not any(part.startswith(".") for part in p.relative_to(folder).parts)):
-        digest.update(f"{path.relative_to(folder).as_posix()}\0{_file_sha256(path)}\n".encode())
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{model_file_sha256(path)}\n".encode())
     return digest.hexdigest()
 
 
-def _model_identity(name: str, kind: str) -> str:
+def model_identity(name: str, kind: str) -> str:
     """What identifies a generator or CLIP ("generator" / "clip"): a random model's name, or its files' content.
 
     Names and paths are left out: a model folder that moved, or a hub id's local copy, is the same model.
@@ -374,12 +411,12 @@ def _model_identity(name: str, kind: str) -> str:
         digest = hashlib.sha256()
         for component in VD_COMPONENTS:
             if (root / component).is_dir():
-                digest.update(f"{component}\0{_folder_identity(root / component)}\n".encode())
+                digest.update(f"{component}\0{model_folder_identity(root / component)}\n".encode())
         return digest.hexdigest()
     from brainmclip.features.clip_models import resolve_model_folder
 
     folder = resolve_model_folder(name)
-    return f"random:{name.removeprefix('random:')}" if folder is None else _folder_identity(folder)
+    return f"random:{name.removeprefix('random:')}" if folder is None else model_folder_identity(folder)
 
 
 def reconstruction_identity(pred, pred_dir: Path, options: ReconstructOptions, device: str, dtype) -> dict:
@@ -396,9 +433,9 @@ def reconstruction_identity(pred, pred_dir: Path, options: ReconstructOptions, d
     used = ["stimulus_ids"] + [name for name in ("image", "text") if getattr(pred, name) is not None]
     needs_clip = options.uncond == "clip" or options.samples > 1
     return {
-        "predictions": {name: _file_sha256(pred_dir / f"{name}.npy") for name in used},
-        "generator": _model_identity(options.generator, "generator"),
-        "clip": _model_identity(options.clip, "clip") if needs_clip else None,
+        "predictions": {name: model_file_sha256(pred_dir / f"{name}.npy") for name in used},
+        "generator": model_identity(options.generator, "generator"),
+        "clip": model_identity(options.clip, "clip") if needs_clip else None,
         "options": pixel_options,
         "init_images": _init_identity(options.init_dir, pred.stimulus_ids) if options.init_dir else None,
         "best_of_n": ({"target_layers": _target_layers(pred, pred_dir), "branches": list(_branches(pred, pred_dir))}
@@ -410,10 +447,10 @@ def reconstruction_identity(pred, pred_dir: Path, options: ReconstructOptions, d
 def _init_identity(init_dir, ids) -> str:
     digest = hashlib.sha256()
     for nsd_id in ids:
-        path = Path(init_dir) / _png_name(nsd_id)
+        path = Path(init_dir) / png_name(nsd_id)
         if not path.is_file():
             raise MissingInputError(f"{path}: missing init image (expected one PNG per NSD id, named like the outputs)")
-        digest.update(f"{_png_name(nsd_id)}\0{_file_sha256(path)}\n".encode())
+        digest.update(f"{png_name(nsd_id)}\0{model_file_sha256(path)}\n".encode())
     return digest.hexdigest()
 
 
@@ -421,7 +458,7 @@ def _init_images(options: ReconstructOptions, ids) -> np.ndarray:
     folder = Path(options.init_dir)
     images = []
     for nsd_id in ids:
-        path = folder / _png_name(nsd_id)
+        path = folder / png_name(nsd_id)
         if not path.is_file():
             raise MissingInputError(f"{path}: missing init image (expected one PNG per NSD id, named like the outputs)")
         with Image.open(path) as img:
@@ -497,4 +534,4 @@ def load_reconstructions(path) -> GeneratedImages:
     manifest = read_manifest(root, RECON_FORMAT, "a reconstruction folder", "reconstruct")
     pred = load_predictions(resolve_path(manifest["settings"]["predictions"], root))
     ids = np.asarray(pred.stimulus_ids)
-    return GeneratedImages(root, ids, [root / _png_name(i) for i in ids], manifest)
+    return GeneratedImages(root, ids, [root / png_name(i) for i in ids], manifest)

@@ -13,13 +13,14 @@ import torch
 
 from brainmclip.errors import MissingInputError
 
-__all__ = ["SD_COMPONENTS", "DEFAULT_SD", "load_stable_diffusion"]
+__all__ = ["SD_COMPONENTS", "DEFAULT_SD", "load_stable_diffusion", "stable_diffusion_folder"]
 
 DEFAULT_SD = "CompVis/stable-diffusion-v1-4"
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
-def _resolve(path_or_id: str | os.PathLike) -> Path:
+def stable_diffusion_folder(path_or_id: str | os.PathLike) -> Path:
+    """The local folder of a Stable Diffusion name: 'mini', a folder, or a hub id already in the cache."""
     from brainmclip.miniature import is_miniature, model_folder
 
     if is_miniature(path_or_id):
@@ -44,7 +45,7 @@ def load_stable_diffusion(path_or_id: str | os.PathLike = DEFAULT_SD, device="cp
     """A ``StableDiffusionPipeline`` (no safety checker) from a folder with SD's layout; 'mini' for mini-SD."""
     from diffusers import StableDiffusionPipeline
 
-    root = _resolve(path_or_id)
+    root = stable_diffusion_folder(path_or_id)
     missing = [c for c in SD_COMPONENTS if not (root / c).is_dir()]
     if missing or not (root / "model_index.json").is_file():
         raise MissingInputError(f"{root}: not a Stable Diffusion folder (missing "

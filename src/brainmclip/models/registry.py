@@ -35,6 +35,7 @@ class DecoderMethod:
     outputs: Callable
     options: frozenset[str]
     default_config: tuple[str, ...] = ()
+    resolve_config: Callable | None = None  # (config names or dict, overrides) -> the checked config
 
     def check_options(self, given: dict) -> None:
         """Refuse options this method does not take; ``given`` maps option names to the values passed."""
@@ -69,11 +70,26 @@ def _brain_mclip_outputs(run_dir: Path, run: dict, prepared, split: str):
     return brain_mclip_outputs(run_dir, run, _paired(prepared, split, run))
 
 
+def _brain_mclip_config(config, overrides=None) -> dict:
+    from brainmclip.config import load_config
+    from brainmclip.training.loop import check_train_config
+
+    cfg = load_config(config or ["brain_mclip"], overrides or [])
+    check_train_config(cfg)
+    return cfg
+
+
 # -- ridge -------------------------------------------------------------------------------
 def _train_ridge(data, features, out, config=None, overrides=None, force=False, progress=True):
     from brainmclip.training.ridge_fit import train_ridge
 
     return train_ridge(data, features, out, config=config, overrides=overrides, progress=progress, force=force)
+
+
+def _ridge_config(config, overrides=None) -> dict:
+    from brainmclip.training.ridge_fit import resolve_ridge_config
+
+    return resolve_ridge_config(config, overrides)
 
 
 def _ridge_outputs(run_dir: Path, run: dict, prepared, split: str):
@@ -112,6 +128,12 @@ def _train_brainclip(data, features, out, config=None, overrides=None, resume=Fa
                            progress=progress)
 
 
+def _brainclip_config(config, overrides=None) -> dict:
+    from brainmclip.training.brainclip_fit import resolve_brainclip_config
+
+    return resolve_brainclip_config(config, overrides)
+
+
 def _brainclip_outputs(run_dir: Path, run: dict, prepared, split: str):
     from brainmclip.training.brainclip_fit import brainclip_outputs
 
@@ -121,12 +143,13 @@ def _brainclip_outputs(run_dir: Path, run: dict, prepared, split: str):
 METHODS: dict[str, DecoderMethod] = {m.name: m for m in (
     DecoderMethod("brain_mclip", "BrainMCLIP: fMRI to CLIP's intermediate and final vision layers and text tokens",
                   _train_brain_mclip, _brain_mclip_outputs,
-                  frozenset({"config", "overrides", "resume", "stop_after_steps", "cpu"}), ("brain_mclip",)),
+                  frozenset({"config", "overrides", "resume", "stop_after_steps", "cpu"}), ("brain_mclip",),
+                  _brain_mclip_config),
     DecoderMethod("brainclip", "BrainCLIP: a linear or VAE mapping aligned contrastively with CLIP image/text "
                   "embeddings", _train_brainclip, _brainclip_outputs,
-                  frozenset({"config", "overrides", "resume"}), ("brainclip_linear_v",)),
+                  frozenset({"config", "overrides", "resume"}), ("brainclip_linear_v",), _brainclip_config),
     DecoderMethod("ridge", "ridge regression to the same CLIP targets, alpha by cross-validation", _train_ridge,
-                  _ridge_outputs, frozenset({"config", "overrides"}), ("ridge",)),
+                  _ridge_outputs, frozenset({"config", "overrides"}), ("ridge",), _ridge_config),
     DecoderMethod("gt_embedding", "no fitting: the test images' own CLIP targets (the upper bound)",
                   _train_ground_truth, _ground_truth_outputs, frozenset()),
 )}
