@@ -526,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "write a simulated Generic Object Decoding dataset (BData HDF5 files + stimulus images)")
     _add_prepare(sub)
     _add_extract(sub)
+    _add_module_command(sub, "extract-minddiffuser", "brainmclip.features.minddiffuser_targets",
+                        "MindDiffuser's targets (SD text embedding c, SD VAE latent z, CLIP structural features) of "
+                        "every image of prepared datasets into a feature store")
     _add_train(sub)
     _add_predict(sub)
     _add_info(sub)
@@ -675,8 +678,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # Commands that keep their finished work and pick up where they stopped when run again.
-_RESUMABLE = ("simulate", "simulate-god", "prepare", "extract", "reconstruct", "reconstruct-clip", "sweep", "ablate",
-              "miniature", "demo")
+_RESUMABLE = ("simulate", "simulate-god", "prepare", "extract", "extract-minddiffuser", "reconstruct", "reconstruct-clip",
+              "sweep", "ablate", "miniature", "demo")
 
 
 def _after_interrupt(args) -> str:

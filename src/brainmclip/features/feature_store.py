@@ -8,7 +8,12 @@ Layout::
     STORE/shards/shard_<first id>/<target>.npy   float16 (n, tokens, embed_dim), memory-mapped on read
 
 Targets: ``image_detail`` (e_I,D, 257 tokens), ``image_semantic`` (e_I,S, 257 tokens), ``text``
-(E_T, 77 tokens). Subjects share test images, so rows are keyed by NSD id and each image is
+(E_T, 77 tokens). A store made for other targets names them in its settings (``settings["targets"]``,
+e.g. MindDiffuser's ``sd_text``, ``sd_latent``, ``struct_02`` ... in
+:mod:`brainmclip.features.minddiffuser_targets`), and the command that makes it
+(``settings["command"]``, default ``extract``); settings without these keys mean BrainMCLIP's three
+targets, so stores written before the keys existed read unchanged. Every target is a 3-D float16
+array per shard, one row per image. Subjects share test images, so rows are keyed by NSD id and each image is
 stored once. A shard is written into a hidden temporary folder and renamed when complete, so
 an interrupted extraction never leaves a shard that reads as finished. A store refuses to
 take features computed with other settings.
@@ -38,9 +43,19 @@ log = logging.getLogger("brainmclip.extract")
 
 STORE_FORMAT = "brainmclip-clip-features/1"
 TARGETS = ("image_detail", "image_semantic", "text")
+DEFAULT_COMMAND = "extract"
 # What to do about a damaged shard: extract finds it and computes it again.
-REPAIR_HINT = "rerun brainmclip extract to compute it again"
+REPAIR_HINT = f"rerun brainmclip {DEFAULT_COMMAND} to compute it again"
 SHARD_FILES = ("ids.npy", *(f"{t}.npy" for t in TARGETS))
+
+
+def _store_targets(settings: dict) -> tuple[str, ...]:
+    """The targets a store with ``settings`` holds (BrainMCLIP's three unless the settings name others)."""
+    targets = settings.get("targets", TARGETS) if isinstance(settings, dict) else TARGETS
+    if (not isinstance(targets, (list, tuple)) or not targets or len(set(targets)) != len(targets)
+            or not all(isinstance(t, str) and t.isidentifier() for t in targets) or "ids" in targets):
+        raise InvalidInputError(f"feature store targets {targets!r}; expected distinct names like {list(TARGETS)}")
+    return tuple(targets)
 
 
 class FeatureStore:
@@ -51,16 +66,27 @@ class FeatureStore:
         self.manifest = manifest
         self._index: dict[int, tuple[str, int]] | None = None
         self._maps: dict[tuple[str, str], np.ndarray] = {}
+        settings = manifest.get("settings", {})
+        self.targets: tuple[str, ...] = _store_targets(settings)
+        self.command: str = str(settings.get("command", DEFAULT_COMMAND)) if isinstance(settings, dict) \
+            else DEFAULT_COMMAND
+        self._shard_files = ("ids.npy", *(f"{t}.npy" for t in self.targets))
+        self._repair_hint = f"rerun brainmclip {self.command} to compute it again"
 
     # -- creation -------------------------------------------------------------------
     @classmethod
     def create(cls, root: str | os.PathLike, settings: dict) -> FeatureStore:
-        """Open the store at ``root`` for writing features made with ``settings``, creating it if new."""
+        """Open the store at ``root`` for writing features made with ``settings``, creating it if new.
+
+        ``settings["targets"]`` (optional) names the targets every shard holds; ``settings["command"]``
+        (optional) the brainmclip command that makes the store, named in repair hints."""
         root = Path(root)
         manifest_file = root / "manifest.json"
         settings = json.loads(json.dumps(settings))  # as JSON will give it back
+        _store_targets(settings)
+        command = settings.get("command", DEFAULT_COMMAND)
         if manifest_file.is_file():
-            manifest = read_json(manifest_file, f"remove {root} and run brainmclip extract again")
+            manifest = read_json(manifest_file, f"remove {root} and run brainmclip {command} again")
             if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:
                 raise InvalidInputError(f"{manifest_file}: not a feature store manifest (format "
                                         f"{STORE_FORMAT!r}); choose another --out")
@@ -113,13 +139,18 @@ class FeatureStore:
     def write_shard(self, ids: np.ndarray, arrays: dict[str, np.ndarray]) -> Path:
         """Store one shard: ``arrays[target]`` has one row per id (stored as float16)."""
         ids = np.asarray(ids, np.int64)
-        if set(arrays) != set(TARGETS):
-            raise InvalidInputError(f"shard targets {sorted(arrays)}; expected {list(TARGETS)}")
+        if set(arrays) != set(self.targets):
+            raise InvalidInputError(f"shard targets {sorted(arrays)}; expected {list(self.targets)}")
         for name, array in arrays.items():
             if len(array) != len(ids):
                 raise InvalidInputError(f"{name}: {len(array)} rows for {len(ids)} ids")
             if not np.isfinite(array).all():
                 raise InvalidInputError(f"{name}: non-finite features for ids starting {ids[0]}; refusing to store them")
+            if np.ndim(array) != 3:
+                raise InvalidInputError(f"{name}: array of shape {np.shape(array)}; expected (rows, tokens, dim)")
+            if len(ids) and np.abs(array).max() > np.finfo(np.float16).max:
+                raise InvalidInputError(f"{name}: values beyond float16's range for ids starting {ids[0]}; refusing "
+                                        "to store them")
         final = self.root / "shards" / f"shard_{ids.min():06d}"
         os.replace(stage_arrays(final, ids, arrays, "ids"), final)
         self._index = None
@@ -136,7 +167,7 @@ class FeatureStore:
         self.manifest["n_images"] = len(self)
         recorded = self.manifest.get("checksums", {})
         for shard in self._shard_dirs():
-            names = [f"shards/{shard.name}/{f}" for f in SHARD_FILES]
+            names = [f"shards/{shard.name}/{f}" for f in self._shard_files]
             new = [n for n in names if n not in recorded]
             if new:
                 recorded.update(folder_checksums(self.root, new))
@@ -153,7 +184,7 @@ class FeatureStore:
         removed = 0
         for shard in self._shard_dirs():
             try:
-                n_rows = {self._load(shard.name, f, mmap=True).shape[:1] for f in SHARD_FILES}
+                n_rows = {self._load(shard.name, f, mmap=True).shape[:1] for f in self._shard_files}
                 if len(n_rows) != 1:
                     raise InvalidInputError(f"{shard}: files of different row counts {sorted(n_rows)}; expected "
                                             "one row per id in each")
@@ -182,7 +213,7 @@ class FeatureStore:
     def _load(self, shard: str, name: str, mmap: bool) -> np.ndarray:
         """One shard file, checked against its recorded checksum and its own header."""
         rel = f"shards/{shard}/{name}"
-        return load_npy(self.root / rel, REPAIR_HINT, mmap, self.manifest.get("checksums", {}).get(rel))
+        return load_npy(self.root / rel, self._repair_hint, mmap, self.manifest.get("checksums", {}).get(rel))
 
     def _array(self, shard: str, target: str) -> np.ndarray:
         key = (shard, target)
@@ -190,20 +221,23 @@ class FeatureStore:
             self._maps[key] = self._load(shard, f"{target}.npy", mmap=True)
         return self._maps[key]
 
-    def get(self, ids, targets=TARGETS, dtype=np.float32, token: int | None = None) -> dict[str, np.ndarray]:
+    def get(self, ids, targets=None, dtype=np.float32, token: int | None = None) -> dict[str, np.ndarray]:
         """Features of ``ids`` (in that order): ``{target: (n, tokens, embed_dim)}``; with ``token``, only that
-        token of each row, ``(n, embed_dim)`` (reads a fraction of the bytes)."""
+        token of each row, ``(n, embed_dim)`` (reads a fraction of the bytes). ``targets`` defaults to all
+        the store holds (BrainMCLIP's three for a store made by ``extract``)."""
+        targets = self.targets if targets is None else targets
         index = self._build_index()
         ids = np.asarray(ids, np.int64).ravel()
         missing = [int(i) for i in ids if int(i) not in index]
         if missing:
             raise InvalidInputError(f"{len(missing)} images not in the feature store {self.root} (first NSD "
                                     f"id {missing[0]}); "
-                           "run brainmclip extract on the prepared dataset first")
+                                    f"run brainmclip {self.command} on the prepared dataset first")
         out = {}
         for target in targets:
-            if target not in TARGETS:
-                raise InvalidInputError(f"Unknown target={target!r}; choose from {list(TARGETS)}")
+            if target not in self.targets:
+                raise InvalidInputError(f"Unknown target={target!r}; choose from {list(self.targets)} (the targets "
+                                        f"of {self.root})")
             first = self._array(index[int(ids[0])][0], target) if len(ids) else None
             shape = first.shape[1:] if first is not None else (0,)
             if token is not None:
