@@ -158,7 +158,7 @@ def test_two_processes_split_the_work_and_agree_with_one(prepared_pair, tmp_path
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     log = done.stderr
-    assert "process 0 extracted" in log and "process 1 extracted" in log
+    assert "process 0 computed CLIP features" in log and "process 1 computed CLIP features" in log
     two = open_feature_store(tmp_path / "two")
     np.testing.assert_array_equal(two.stored_ids(), single.store.stored_ids())
     assert two.manifest["n_images"] == single.n_requested

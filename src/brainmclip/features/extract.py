@@ -25,7 +25,7 @@ from brainmclip.features.clip_extractor import ClipFeatureExtractor
 from brainmclip.features.clip_models import load_clip
 from brainmclip.features.feature_store import FeatureStore
 
-__all__ = ["ImageSource", "collect_images", "extract_features", "ExtractResult"]
+__all__ = ["ImageSource", "collect_images", "extract_features", "ExtractResult", "fill_store"]
 
 log = logging.getLogger("brainmclip.extract")
 
@@ -104,31 +104,46 @@ def extract_features(prepared_paths: Sequence[str | Path], out: str | Path, mode
     settings = {"model": towers.identity, "extractor": extractor.settings(), "embed_dim": towers.embed_dim,
                 "image_tokens": towers.n_image_tokens, "text_tokens": towers.tokenizer.model_max_length,
                 "dtype": "float16"}
+    store, n_requested, n_missing = fill_store(
+        source, out, settings, lambda images, captions: {k: v.numpy() for k, v in extractor.encode(images,
+                                                                                                 captions).items()},
+        accelerator, batch_size, shard_size, "CLIP features", "extract-shard", progress)
+    return ExtractResult(store, n_requested, n_missing, time.perf_counter() - start)
+
+
+def fill_store(source: ImageSource, out, settings: dict, encode, accelerator, batch_size: int, shard_size: int,
+               desc: str, crash_name: str, progress: bool) -> tuple[FeatureStore, int, int]:
+    """Compute the images of ``source`` missing from the store at ``out`` (made with ``settings``), shard by shard.
+
+    ``encode(images, captions)`` returns ``{target: array with one row per image}``. Temporaries of interrupted
+    writes and damaged shards are removed first (by the main process), so their images count as missing and are
+    computed again; with several processes each takes every n-th shard. Returns the store and how many images
+    were requested and missing.
+    """
     if accelerator.is_main_process:
         store = FeatureStore.create(out, settings)
         store.remove_stale_shards()
-        store.remove_damaged_shards()  # their images count as missing below and are extracted again
+        store.remove_damaged_shards()
     accelerator.wait_for_everyone()
     store = FeatureStore.create(out, settings)
     requested = source.ids()
     missing = store.missing(requested)
     shards = [missing[i:i + shard_size] for i in range(0, len(missing), shard_size)]
     mine = shards[accelerator.process_index::accelerator.num_processes]
-    n_mine = sum(len(s) for s in mine)
-    bar = tqdm(total=n_mine, desc=f"CLIP features [{accelerator.process_index}]", unit="img",
+    bar = tqdm(total=sum(len(s) for s in mine), desc=f"{desc} [{accelerator.process_index}]", unit="img",
                disable=not progress or not accelerator.is_local_main_process)
     for ids in mine:
         parts: dict[str, list[np.ndarray]] = {}
         for b in range(0, len(ids), batch_size):
             images, captions = source.fetch(ids[b:b + batch_size])
-            for name, value in extractor.encode(images, captions).items():
-                parts.setdefault(name, []).append(value.numpy().astype(np.float16))
+            for name, value in encode(images, captions).items():
+                parts.setdefault(name, []).append(np.asarray(value).astype(np.float16))
             bar.update(len(images))
         store.write_shard(ids, {k: np.concatenate(v) for k, v in parts.items()})
-        crash_point("extract-shard")
+        crash_point(crash_name)
     bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         store.finish()
-    log.info("process %d extracted %d images", accelerator.process_index, n_mine)
-    return ExtractResult(store, len(requested), len(missing), time.perf_counter() - start)
+    log.info("process %d computed %s of %d images", accelerator.process_index, desc, sum(len(s) for s in mine))
+    return store, len(requested), len(missing)

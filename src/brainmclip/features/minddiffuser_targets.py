@@ -57,9 +57,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from brainmclip.atomic import crash_point, locks_output
+from brainmclip.atomic import locks_output
 from brainmclip.errors import InvalidInputError, MissingInputError
 from brainmclip.features.clip_extractor import ClipFeatureExtractor, module_outputs
 from brainmclip.features.feature_store import FeatureStore, open_feature_store
@@ -282,7 +281,7 @@ def extract_minddiffuser_targets(prepared_paths: Sequence[str | Path], out: str 
 
     from brainmclip.features.clip_models import load_clip
     from brainmclip.features.diffusion_features import encode_sd_text, encode_vae_latents
-    from brainmclip.features.extract import collect_images
+    from brainmclip.features.extract import collect_images, fill_store
 
     start = time.perf_counter()
     if batch_size < 1 or shard_size < 1:
@@ -312,39 +311,18 @@ def extract_minddiffuser_targets(prepared_paths: Sequence[str | Path], out: str 
         "structural": {"model": clip_identity, **structural.settings()},
         "dtype": "float16",
     }
-    if accelerator.is_main_process:
-        store = FeatureStore.create(out, settings)
-        store.remove_stale_shards()
-        store.remove_damaged_shards()  # their images count as missing below and are computed again
-    accelerator.wait_for_everyone()
-    store = FeatureStore.create(out, settings)
-    requested = source.ids()
-    missing = store.missing(requested)
-    shards = [missing[i:i + shard_size] for i in range(0, len(missing), shard_size)]
-    mine = shards[accelerator.process_index::accelerator.num_processes]
-    n_mine = sum(len(s) for s in mine)
-    bar = tqdm(total=n_mine, desc=f"MindDiffuser targets [{accelerator.process_index}]", unit="img",
-               disable=not progress or not accelerator.is_local_main_process)
-    for ids in mine:
-        parts: dict[str, list[np.ndarray]] = {}
-        for b in range(0, len(ids), batch_size):
-            images, captions = source.fetch(ids[b:b + batch_size])
-            c = encode_sd_text(text_encoder, tokenizer, captions)
-            z = encode_vae_latents(vae, images, size=size)
-            batch = {"sd_text": c, "sd_latent": z.reshape(len(z), z.shape[1], -1)}
-            for k, value in structural(images).items():
-                batch[structural_target_name(k)] = value
-            for name, value in batch.items():
-                parts.setdefault(name, []).append(value.numpy().astype(np.float16))
-            bar.update(len(images))
-        store.write_shard(ids, {k: np.concatenate(v) for k, v in parts.items()})
-        crash_point("minddiffuser-shard")
-    bar.close()
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        store.finish()
-    log.info("process %d computed MindDiffuser targets of %d images", accelerator.process_index, n_mine)
-    return MindDiffuserExtractResult(store, len(requested), len(missing), time.perf_counter() - start)
+
+    def encode(images, captions) -> dict[str, np.ndarray]:
+        z = encode_vae_latents(vae, images, size=size)
+        batch = {"sd_text": encode_sd_text(text_encoder, tokenizer, captions).numpy(),
+                 "sd_latent": z.reshape(len(z), z.shape[1], -1).numpy()}
+        for k, value in structural(images).items():
+            batch[structural_target_name(k)] = value.numpy()
+        return batch
+
+    store, n_requested, n_missing = fill_store(source, out, settings, encode, accelerator, batch_size, shard_size,
+                                               "MindDiffuser targets", "minddiffuser-shard", progress)
+    return MindDiffuserExtractResult(store, n_requested, n_missing, time.perf_counter() - start)
 
 
 # -- reading ---------------------------------------------------------------------------------------
