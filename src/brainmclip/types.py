@@ -77,6 +77,9 @@ class DecodedEmbeddings:
     method : str
     manifest : dict
         Where the predictions came from (run, data and feature identities, settings).
+    targets : dict of str to float arrays (n_images, a, b)
+        Decoded targets of other spaces, by name (MindDiffuser: ``sd_text``, ``sd_latent``, ``struct_NN``);
+        empty for the CLIP-space methods.
     """
 
     stimulus_ids: np.ndarray
@@ -88,6 +91,7 @@ class DecodedEmbeddings:
     split: str
     method: str
     manifest: dict
+    targets: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.stimulus_ids)

@@ -6,6 +6,8 @@
     PRED/text.npy                float16 (n, 77, embed_dim)    Ê_T (optional)
     PRED/image_semantic.npy      float16 (n, 257, embed_dim)   ê_I,S (optional)
     PRED/image_detail.npy        float16 (n, 257, embed_dim)   ê_I,D (optional)
+    PRED/<target>.npy            float16 (n, a, b)             other decoded targets (MindDiffuser: sd_text,
+                                                               sd_latent, struct_NN), see TARGET_ARRAY
 
 Files are staged and renamed; the manifest is written last with ``"complete": true`` and the
 arrays' ``checksums`` (:mod:`brainmclip.integrity`), which :func:`load_predictions` verifies. Its ``run``
@@ -16,6 +18,7 @@ it with :func:`brainmclip.paths.resolve_path` against PRED.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +28,12 @@ from brainmclip.errors import InvalidInputError
 from brainmclip.integrity import folder_checksums, load_npy
 from brainmclip.types import DecodedEmbeddings
 
-__all__ = ["PREDICTION_FORMAT", "PREDICTION_ARRAYS", "write_predictions", "load_predictions"]
+__all__ = ["PREDICTION_FORMAT", "PREDICTION_ARRAYS", "TARGET_ARRAY", "write_predictions", "load_predictions"]
 
 PREDICTION_FORMAT = "brainmclip-predictions/1"
 PREDICTION_ARRAYS = ("image", "text", "image_semantic", "image_detail")
+#: Names of decoded targets outside CLIP's space (MindDiffuser's SD text embedding, VAE latent, structural features).
+TARGET_ARRAY = re.compile(r"sd_text|sd_latent|struct_\d\d")
 # What to do about a damaged prediction file.
 REPAIR_HINT = "rerun brainmclip predict"
 
@@ -37,10 +42,10 @@ def write_predictions(out: str | os.PathLike, stimulus_ids: np.ndarray, arrays: 
                       manifest: dict) -> Path:
     """Write predictions; ``arrays`` needs 'image' or 'text' (text-only ablations have no image)."""
     out = Path(out)
-    unknown = set(arrays) - set(PREDICTION_ARRAYS)
-    if unknown or not {"image", "text"} & set(arrays):
+    unknown = {k for k in arrays if k not in PREDICTION_ARRAYS and not TARGET_ARRAY.fullmatch(k)}
+    if unknown or not arrays or (set(arrays) & set(PREDICTION_ARRAYS) and not {"image", "text"} & set(arrays)):
         raise InvalidInputError(f"prediction arrays {sorted(arrays)}; expected 'image' and/or 'text' (plus optionally "
-                         f"{PREDICTION_ARRAYS[2:]})")
+                                f"{PREDICTION_ARRAYS[2:]}), or decoded targets named sd_text, sd_latent, struct_NN")
     ids = np.asarray(stimulus_ids, np.int64)
     for name, value in arrays.items():
         if value.ndim != 3 or len(value) != len(ids):
@@ -52,9 +57,10 @@ def write_predictions(out: str | os.PathLike, stimulus_ids: np.ndarray, arrays: 
     (out / "manifest.json").unlink(missing_ok=True)
     for path in stage.iterdir():
         os.replace(path, out / path.name)
-    for name in PREDICTION_ARRAYS:  # arrays of an earlier, different prediction
-        if name not in arrays:
-            (out / f"{name}.npy").unlink(missing_ok=True)
+    for path in out.glob("*.npy"):  # arrays of an earlier, different prediction
+        name = path.stem
+        if name not in arrays and name != "stimulus_ids" and (name in PREDICTION_ARRAYS or TARGET_ARRAY.fullmatch(name)):
+            path.unlink()
     stage.rmdir()
     shapes = {name: list(value.shape) for name, value in arrays.items()}
     write_json_atomic(out / "manifest.json", {**manifest, "format": PREDICTION_FORMAT, "shapes": shapes,
@@ -73,11 +79,13 @@ def load_predictions(path: str | os.PathLike, mmap: bool = True) -> DecodedEmbed
     arrays = {name: npy(name, mmap) if (root / f"{name}.npy").exists() or f"{name}.npy" in sums else None
               for name in PREDICTION_ARRAYS}
     ids = npy("stimulus_ids", False)
-    for name, value in arrays.items():
+    names = {n[:-4] for n in sums if n.endswith(".npy")} | {p.stem for p in root.glob("*.npy")}
+    targets = {name: npy(name, mmap) for name in sorted(names) if TARGET_ARRAY.fullmatch(name)}
+    for name, value in {**arrays, **targets}.items():
         if value is not None and (value.ndim != 3 or len(value) != len(ids)):
             raise InvalidInputError(f"{root / f'{name}.npy'}: shape {tuple(value.shape)}; stimulus_ids.npy names "
                                     f"{len(ids)} images, so expected ({len(ids)}, tokens, embed_dim); {REPAIR_HINT}")
     return DecodedEmbeddings(stimulus_ids=ids, subject=int(manifest.get("subject", 0)),
                              # image is None only for text-only ablations
                              split=manifest.get("split", "test"), method=manifest.get("method", "unknown"),
-                             manifest=manifest, **arrays)
+                             manifest=manifest, targets=targets, **arrays)
