@@ -140,6 +140,25 @@ def _brainclip_outputs(run_dir: Path, run: dict, prepared, split: str):
     return brainclip_outputs(run_dir, run, prepared, split)
 
 
+# -- MindDiffuser ------------------------------------------------------------------------
+def _train_minddiffuser(data, features, out, config=None, overrides=None, force=False, progress=True):
+    from brainmclip.training.minddiffuser_fit import train_minddiffuser
+
+    return train_minddiffuser(data, features, out, config=config, overrides=overrides, force=force, progress=progress)
+
+
+def _minddiffuser_config(config, overrides=None) -> dict:
+    from brainmclip.training.minddiffuser_fit import resolve_minddiffuser_config
+
+    return resolve_minddiffuser_config(config, overrides)
+
+
+def _minddiffuser_outputs(run_dir: Path, run: dict, prepared, split: str):
+    from brainmclip.training.minddiffuser_fit import minddiffuser_outputs
+
+    return minddiffuser_outputs(run_dir, run, prepared, split)
+
+
 METHODS: dict[str, DecoderMethod] = {m.name: m for m in (
     DecoderMethod("brain_mclip", "BrainMCLIP: fMRI to CLIP's intermediate and final vision layers and text tokens",
                   _train_brain_mclip, _brain_mclip_outputs,
@@ -150,6 +169,9 @@ METHODS: dict[str, DecoderMethod] = {m.name: m for m in (
                   frozenset({"config", "overrides", "resume"}), ("brainclip_linear_v",), _brainclip_config),
     DecoderMethod("ridge", "ridge regression to the same CLIP targets, alpha by cross-validation", _train_ridge,
                   _ridge_outputs, frozenset({"config", "overrides"}), ("ridge",), _ridge_config),
+    DecoderMethod("minddiffuser", "MindDiffuser: voxel-selected ridge to SD's text embedding, VAE latent and CLIP "
+                  "structural features (needs a store from extract-minddiffuser)", _train_minddiffuser,
+                  _minddiffuser_outputs, frozenset({"config", "overrides"}), ("minddiffuser",), _minddiffuser_config),
     DecoderMethod("gt_embedding", "no fitting: the test images' own CLIP targets (the upper bound)",
                   _train_ground_truth, _ground_truth_outputs, frozenset()),
 )}

@@ -58,6 +58,8 @@ __all__ = [
     "iter_ridge_svd",
     "kfold_indices",
     "ridge_cv_scores",
+    "load_model_npz",
+    "save_model_npz",
     "shrinkage",
     "solve_ridge_svd",
 ]
@@ -798,20 +800,7 @@ class RidgeDecoder:
         -------
         Path
         """
-        params = self.get_params()
-        params["alphas"] = [float(a) for a in np.atleast_1d(np.asarray(params["alphas"], dtype=np.float64))]
-        params["dtype"] = np.dtype(params["dtype"]).name
-        params["device"] = str(params["device"])
-        meta = {"format": RIDGE_FORMAT, "params": params, "fitted": hasattr(self, "B_")}
-        arrays = {}
-        if meta["fitted"]:
-            meta["n_features_in"] = int(self.n_features_in_)
-            meta["target_shape"] = [int(d) for d in self.target_shape_]
-            arrays = {name: np.asarray(getattr(self, name)) for name in self._FITTED if getattr(self, name) is not None}
-        path = Path(path)
-        with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a name
-            np.savez(fh, meta=np.array(json.dumps(meta)), **arrays)
-        return path
+        return save_model_npz(self, path, RIDGE_FORMAT, hasattr(self, "B_"))
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device=None) -> RidgeDecoder:
@@ -827,30 +816,69 @@ class RidgeDecoder:
         -------
         RidgeDecoder
         """
-        from brainmclip.integrity import reading
-
-        if not Path(path).is_file():
-            raise MissingInputError(f"{path}: missing (a ridge model written by RidgeDecoder.save)")
-        with reading(path, "a ridge model (.npz)", "train the ridge run again"), np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            if meta.get("format") != RIDGE_FORMAT:
-                raise InvalidInputError(f"{path}: format {meta.get('format')!r}; expected {RIDGE_FORMAT!r}")
-            params = meta["params"]
-            params["dtype"] = np.dtype(params["dtype"]).type
-            if device is not None:
-                params["device"] = device
-            model = cls(**params)
-            if meta["fitted"]:
-                for name in cls._FITTED:
-                    setattr(model, name, z[name] if name in z.files else None)
-                if model.alpha_per == "block":
-                    model.alpha_ = float(model.alpha_)
-                model.n_features_in_ = meta["n_features_in"]
-                model.target_shape_ = tuple(meta["target_shape"])
-        return model
+        return load_model_npz(cls, path, RIDGE_FORMAT, "a ridge model written by RidgeDecoder.save",
+                              "train the ridge run again", device)
 
     def __repr__(self) -> str:
         alphas = np.atleast_1d(np.asarray(self.alphas, dtype=np.float64))
         return (f"RidgeDecoder(alphas=[{alphas.min():.3g}..{alphas.max():.3g}] x{alphas.size}, n_folds={self.n_folds}, "
                 f"alpha_per={self.alpha_per!r}, fit_intercept={self.fit_intercept}, "
                 f"dtype={np.dtype(self.dtype).name}, device={self.device!r})")
+
+
+def save_model_npz(model, path: str | os.PathLike, fmt: str, fitted: bool, **meta_extra) -> Path:
+    """Write a model's ``get_params()`` and (if ``fitted``) its ``_FITTED`` arrays to one ``.npz``, atomically.
+
+    The settings go into a JSON ``meta`` entry (format, params, fitted, features in, target shape and
+    ``meta_extra``), so loading never unpickles.
+    """
+    params = model.get_params()
+    params["alphas"] = [float(a) for a in np.atleast_1d(np.asarray(params["alphas"], dtype=np.float64))]
+    params["dtype"] = np.dtype(params["dtype"]).name
+    params["device"] = None if params["device"] is None else str(params["device"])
+    meta = {"format": fmt, "params": params, "fitted": bool(fitted)}
+    arrays = {}
+    if fitted:
+        meta.update(n_features_in=int(model.n_features_in_), target_shape=[int(d) for d in model.target_shape_],
+                    **meta_extra)
+        arrays = {name: np.asarray(getattr(model, name)) for name in model._FITTED if getattr(model, name) is not None}
+    path = Path(path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a name
+        np.savez(fh, meta=np.array(json.dumps(meta)), **arrays)
+    return path
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def load_model_npz(cls, path: str | os.PathLike, fmt: str, what: str, hint: str, device=None):
+    """Read a model written by :func:`save_model_npz` with format ``fmt``; one clear error for anything else.
+
+    Returns the model and its ``meta`` dict (for fields a class adds, e.g. its solver form).
+    """
+    from brainmclip.integrity import reading
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(f"{path}: missing ({what})")
+    with open(path, "rb") as fh:
+        if fh.read(4) != _ZIP_MAGIC:
+            raise InvalidInputError(f"{path}: not an .npz file; expected {what}")
+    with reading(path, what, hint), np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+        if meta.get("format") != fmt:
+            raise InvalidInputError(f"{path}: format {meta.get('format')!r}; expected {fmt!r} ({what})")
+        params = dict(meta["params"])
+        params["dtype"] = np.dtype(params["dtype"]).type
+        if device is not None:
+            params["device"] = device
+        model = cls(**params)
+        if meta["fitted"]:
+            for name in cls._FITTED:
+                setattr(model, name, z[name] if name in z.files else None)
+            if model.alpha_per == "block":
+                model.alpha_ = float(model.alpha_)
+            model.n_features_in_ = meta["n_features_in"]
+            model.target_shape_ = tuple(meta["target_shape"])
+    model._meta = meta
+    return model

@@ -8,6 +8,7 @@ those and leaves anything else a user put there.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -22,7 +23,9 @@ CHECKPOINT_FILE = "checkpoint_last.pt"
 # Files and folders the trainers write into a run folder (BrainMCLIP, ridge and the ground-truth run).
 RUN_FILES = (RUN_FILE, CHECKPOINT_FILE, "model_best.safetensors", "balance.json", "train.log", "tensorboard",
              "ridge_image_semantic.npz", "ridge_image_detail.npz", "ridge_text.npz", "ridge_clip.npz",
-             "embedding_vae.safetensors")
+             "embedding_vae.safetensors", "structural_masks.npz")
+# MindDiffuser's per-target decoders.
+_DECODER_FILE = re.compile(r"decoder_(sd_text|sd_latent|struct_\d\d)\.npz")
 # brainmclip predict's default outputs inside a run; stale once the run is trained again.
 PREDICTION_FOLDERS = ("predictions_train", "predictions_val", "predictions_test")
 _PREDICTION_FORMAT_PREFIX = "brainmclip-predictions/"
@@ -48,7 +51,8 @@ def run_files_present(out: Path) -> list[str]:
     out = Path(out)
     if not out.is_dir():
         return []
-    return sorted(p.name for p in out.iterdir() if p.name in RUN_FILES or _our_temporary(p.name))
+    return sorted(p.name for p in out.iterdir()
+                  if p.name in RUN_FILES or _DECODER_FILE.fullmatch(p.name) or _our_temporary(p.name))
 
 
 def _our_temporary(name: str) -> bool:
