@@ -515,6 +515,20 @@ def _add_module_command(sub, name: str, module_name: str, help_text: str | None 
     p.set_defaults(func=module.run)
 
 
+def _add_minddiffuser_commands(sub) -> None:
+    from brainmclip.generation import minddiffuser
+
+    text = "MindDiffuser: two-stage Stable Diffusion reconstruction from a MindDiffuser run's predictions"
+    p = sub.add_parser("reconstruct-minddiffuser", help=text, description=text)
+    minddiffuser.add_arguments(p)
+    p.set_defaults(func=minddiffuser.run)
+    text = ("MindDiffuser's Stage 2 (structural refinement) as a plug-in over any method's reconstructions "
+            "(writes <method>+MindDiffuser)")
+    p = sub.add_parser("refine", help=text, description=text)
+    minddiffuser.add_refine_arguments(p)
+    p.set_defaults(func=minddiffuser.run_refine)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brainmclip", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"brainmclip {__version__}")
@@ -535,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reconstruct(sub)
     _add_module_command(sub, "reconstruct-clip", "brainmclip.generation.clip_guided",
                         "BrainCLIP: images of predicted CLIP embeddings by CLIP-guided Stable Diffusion (one PNG each)")
+    _add_minddiffuser_commands(sub)
     _add_evaluate(sub)
     _add_module_command(sub, "classify", "brainmclip.evaluation.zero_shot")
     _add_report(sub)
@@ -679,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # Commands that keep their finished work and pick up where they stopped when run again.
 _RESUMABLE = ("simulate", "simulate-god", "prepare", "extract", "extract-minddiffuser", "reconstruct", "reconstruct-clip",
-              "sweep", "ablate", "miniature", "demo")
+              "reconstruct-minddiffuser", "refine", "sweep", "ablate", "miniature", "demo")
 
 
 def _after_interrupt(args) -> str:

@@ -38,7 +38,8 @@ def _cli(capsys, *args) -> tuple[int, str, str]:
 
 # ----------------------------------------------------------------------------- the table
 def test_table_lists_every_method_with_known_options_and_loadable_configs():
-    assert method_names() == list(METHODS) and set(METHODS) == {"brain_mclip", "brainclip", "ridge", "minddiffuser", "gt_embedding"}
+    assert method_names() == list(METHODS)
+    assert set(METHODS) == {"brain_mclip", "brainclip", "ridge", "minddiffuser", "gt_embedding"}
     for name, method in METHODS.items():
         assert method.name == name and get_method(name) is method and method.description
         assert method.options <= set(OPTIONS)
