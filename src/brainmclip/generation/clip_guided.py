@@ -73,12 +73,11 @@ from brainmclip.generation.reconstruct import (
     image_seed,
     load_reconstructions,
     model_file_sha256,
-    model_folder_identity,
     model_identity,
     open_reconstruction_folder,
     png_name,
 )
-from brainmclip.generation.stable_diffusion import DEFAULT_SD, SD_COMPONENTS
+from brainmclip.generation.stable_diffusion import DEFAULT_SD, stable_diffusion_identity
 from brainmclip.models.predictions import load_predictions
 from brainmclip.paths import record_path
 from brainmclip.types import GeneratedImages
@@ -470,22 +469,6 @@ def _prior_latents(vae, images: list[np.ndarray], size: int, device) -> torch.Te
 
 # -- the reconstruction folder -------------------------------------------------------------------------------------
 
-def _generator_root(name: str) -> Path:
-    from brainmclip.generation.stable_diffusion import stable_diffusion_folder
-
-    return stable_diffusion_folder(name)
-
-
-def _generator_identity(name: str) -> str:
-    """sha256 over the SD components' configuration and weight files (names and paths left out)."""
-    root = _generator_root(name)
-    digest = hashlib.sha256()
-    for component in SD_COMPONENTS:
-        if (root / component).is_dir():
-            digest.update(f"{component}\0{model_folder_identity(root / component)}\n".encode())
-    return digest.hexdigest()
-
-
 def _clip_name(pred, options: ClipGuidedOptions, pred_dir: Path) -> str:
     name = options.clip or pred.manifest.get("clip")
     if not name:
@@ -508,7 +491,7 @@ def clip_guided_identity(pred, pred_dir: Path, options: ClipGuidedOptions, clip:
     return {
         "kind": GENERATOR_KIND,
         "predictions": {name: model_file_sha256(pred_dir / f"{name}.npy") for name in _used_arrays(pred)},
-        "generator": _generator_identity(options.generator),
+        "generator": stable_diffusion_identity(options.generator),
         "clip": model_identity(clip, "clip"),
         "options": pixel_options,
         "prior_bank": bank.identity if bank is not None else None,

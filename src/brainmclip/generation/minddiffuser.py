@@ -77,12 +77,11 @@ from brainmclip.generation.reconstruct import (
     image_seed,
     load_reconstructions,
     model_file_sha256,
-    model_folder_identity,
     model_identity,
     open_reconstruction_folder,
     png_name,
 )
-from brainmclip.generation.stable_diffusion import SD_COMPONENTS
+from brainmclip.generation.stable_diffusion import stable_diffusion_identity
 from brainmclip.models.predictions import load_predictions
 from brainmclip.paths import record_path, resolve_path
 from brainmclip.types import GeneratedImages
@@ -416,17 +415,6 @@ def _read_inputs(pred_dir: Path, options: MindDiffuserOptions, need_latent: bool
                    settings["structural"].get("convention", "linear-index"))
 
 
-def _generator_identity(name: str) -> str:
-    from brainmclip.generation.stable_diffusion import stable_diffusion_folder
-
-    root = stable_diffusion_folder(name)
-    digest = hashlib.sha256()
-    for component in SD_COMPONENTS:
-        if (root / component).is_dir():
-            digest.update(f"{component}\0{model_folder_identity(root / component)}\n".encode())
-    return digest.hexdigest()
-
-
 def _pixel_options(options: MindDiffuserOptions) -> dict:
     values = asdict(options)
     values["optimize"] = list(options.optimize)
@@ -439,7 +427,7 @@ def _identity(kind: str, inputs: _Inputs, arrays: list[str], options: MindDiffus
         "kind": kind,
         "predictions": {name: model_file_sha256(inputs.pred_dir / f"{name}.npy") for name in arrays},
         "masks": model_file_sha256(inputs.masks_file) if inputs.masks_file else "all-ones",
-        "generator": _generator_identity(inputs.generator),
+        "generator": stable_diffusion_identity(inputs.generator),
         "structural_clip": model_identity(inputs.structural_clip, "clip"),
         "structural": {"layers": inputs.layers, "convention": inputs.convention},
         "options": _pixel_options(options),

@@ -13,7 +13,7 @@ import torch
 
 from brainmclip.errors import MissingInputError
 
-__all__ = ["SD_COMPONENTS", "DEFAULT_SD", "load_stable_diffusion", "stable_diffusion_folder"]
+__all__ = ["SD_COMPONENTS", "DEFAULT_SD", "load_stable_diffusion", "stable_diffusion_folder", "stable_diffusion_identity"]
 
 DEFAULT_SD = "CompVis/stable-diffusion-v1-4"
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -55,3 +55,18 @@ def load_stable_diffusion(path_or_id: str | os.PathLike = DEFAULT_SD, device="cp
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def stable_diffusion_identity(path_or_id: str | os.PathLike) -> str:
+    """sha256 over the SD components' configuration and weight files (names and paths left out): what decides the
+    pixels a Stable Diffusion folder makes, wherever it lies."""
+    import hashlib
+
+    from brainmclip.generation.reconstruct import model_folder_identity
+
+    root = stable_diffusion_folder(path_or_id)
+    digest = hashlib.sha256()
+    for component in SD_COMPONENTS:
+        if (root / component).is_dir():
+            digest.update(f"{component}\0{model_folder_identity(root / component)}\n".encode())
+    return digest.hexdigest()
