@@ -61,6 +61,7 @@ import torch
 from brainmclip.atomic import locks_output
 from brainmclip.errors import InvalidInputError, MissingInputError
 from brainmclip.features.clip_extractor import ClipFeatureExtractor, module_outputs
+from brainmclip.features.extract import ExtractResult
 from brainmclip.features.feature_store import FeatureStore, open_feature_store
 
 __all__ = ["COMMAND", "CONVENTIONS", "DEFAULT_LAYERS", "MindDiffuserExtractResult", "StructuralFeatures",
@@ -241,12 +242,8 @@ def load_sd_parts(sd: str, device) -> tuple[object, object, object, int, dict]:
 # -- extraction -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class MindDiffuserExtractResult:
-    store: FeatureStore
-    n_requested: int
-    n_extracted: int
-    seconds: float
+class MindDiffuserExtractResult(ExtractResult):
+    """:class:`~brainmclip.features.extract.ExtractResult` of a MindDiffuser target store."""
 
     def summary(self) -> str:
         s = self.store.manifest["settings"]
