@@ -14,7 +14,6 @@ The output folder follows the analysis contract (:mod:`brainmclip.analysis.commo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from brainmclip.data.prepared import load_prepared
 from brainmclip.errors import InvalidInputError
 from brainmclip.features.feature_store import open_feature_store
 from brainmclip.features.pooled import caption_embeddings, image_embeddings, pooled_prediction
-from brainmclip.models.predictions import load_predictions
+from brainmclip.models.predictions import load_predictions, prediction_run
 from brainmclip.paths import resolve_path
 
 __all__ = ["KS", "describe_run", "evaluate_embedding_retrieval", "mcnemar_p", "paired_comparisons", "query_ranks",
@@ -74,12 +73,10 @@ def describe_run(method: str, config: dict) -> str:
 
 def _score(pred_dir: Path, n_boot: int, seed: int, progress: bool = True) -> dict:
     pred = load_predictions(pred_dir)
-    run_dir = resolve_path(pred.manifest["run"], pred_dir) if pred.manifest.get("run") else None
-    run_file = run_dir / "run.json" if run_dir else None
-    if run_file is None or not run_file.is_file():
+    run_dir, run = prediction_run(pred, pred_dir)
+    if not run:
         raise InvalidInputError(f"{pred_dir}: its training run (run.json) is not found; retrieval needs the run's "
                                 "feature store and prepared dataset")
-    run = json.loads(run_file.read_text())
     store = open_feature_store(resolve_path(run["features"], run_dir))
     prepared = load_prepared(resolve_path(run["data"], run_dir), images=False)
     ids = pred.stimulus_ids

@@ -31,7 +31,7 @@ from brainmclip.evaluation.published import PUBLISHED
 from brainmclip.evaluation.retrieval import DIRECTIONS, INTERVAL, decoded_retrieval
 from brainmclip.evaluation.scene_checks import SceneChecker, scene_root
 from brainmclip.generation.reconstruct import load_reconstructions
-from brainmclip.models.predictions import load_predictions
+from brainmclip.models.predictions import load_predictions, prediction_run
 from brainmclip.paths import record_path, resolve_path
 from brainmclip.types import RunEvaluation
 
@@ -69,8 +69,7 @@ def _run_info(recon) -> tuple[dict, dict, Path, Path | None]:
     """The predictions manifest, the training run's run.json, the predictions folder and the run folder."""
     pred_dir = resolve_path(recon.manifest["settings"]["predictions"], recon.root)
     pred = load_predictions(pred_dir)
-    run_dir = resolve_path(pred.manifest["run"], pred_dir) if pred.manifest.get("run") else None
-    run = json.loads((run_dir / "run.json").read_text()) if run_dir and (run_dir / "run.json").exists() else {}
+    run_dir, run = prediction_run(pred, pred_dir)
     return pred.manifest, run, pred_dir, run_dir
 
 

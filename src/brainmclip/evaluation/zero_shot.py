@@ -295,20 +295,11 @@ class ZeroShotResult:
 
 
 def _read_run(pred_dir: Path, manifest: dict) -> tuple[Path | None, dict]:
-    from brainmclip.paths import resolve_path
+    from types import SimpleNamespace
 
-    rel = manifest.get("run")
-    if not rel:
-        return None, {}
-    run_dir = resolve_path(rel, pred_dir)
-    record = run_dir / "run.json"
-    if not record.is_file():
-        return run_dir, {}
-    try:
-        data = json.loads(record.read_text())
-    except ValueError:
-        raise InvalidInputError(f"{record}: truncated or corrupt JSON; expected the training run's record") from None
-    return run_dir, data if isinstance(data, dict) else {}
+    from brainmclip.models.predictions import prediction_run
+
+    return prediction_run(SimpleNamespace(manifest=manifest), pred_dir)
 
 
 def _clip_name(clip, manifest: dict, run_dir: Path | None, run: dict) -> str:

@@ -82,7 +82,7 @@ from brainmclip.generation.reconstruct import (
     png_name,
 )
 from brainmclip.generation.stable_diffusion import stable_diffusion_identity
-from brainmclip.models.predictions import load_predictions
+from brainmclip.models.predictions import load_predictions, prediction_run
 from brainmclip.paths import record_path, resolve_path
 from brainmclip.types import GeneratedImages
 
@@ -379,15 +379,13 @@ def _read_inputs(pred_dir: Path, options: MindDiffuserOptions, need_latent: bool
                 row = start + int(np.flatnonzero(bad)[0])
                 raise InvalidInputError(f"{pred_dir}/{name}.npy: row {row} (NSD id {int(ids[row])}) holds NaN or inf; "
                                         "expected finite predictions (predict again from a healthy run)")
-    recorded = pred.manifest.get("run")
-    if not recorded:
+    run_dir, run_record = prediction_run(pred, pred_dir)
+    if run_dir is None:
         raise InvalidInputError(f"{pred_dir}/manifest.json names no run; expected predictions of a MindDiffuser run")
-    run_dir = resolve_path(recorded, pred_dir)
     run_file = run_dir / "run.json"
-    if not run_file.is_file():
+    if not run_record:
         raise MissingInputError(f"{run_file}: the MindDiffuser run behind {pred_dir} is not available (its target "
                                 "store names the SD and the structural CLIP)")
-    run_record = json.loads(run_file.read_text())
     if not run_record.get("features"):
         raise InvalidInputError(f"{run_file}: names no feature store; expected a MindDiffuser run")
     store_manifest = resolve_path(run_record["features"], run_dir) / "manifest.json"

@@ -470,10 +470,10 @@ def _init_images(options: ReconstructOptions, ids) -> np.ndarray:
 
 def _run_of(pred, pred_dir: Path) -> tuple[dict, Path | None]:
     """The run.json behind predictions in ``pred_dir`` (empty if unknown) and its run folder."""
-    recorded = pred.manifest.get("run")
-    run_dir = resolve_path(recorded, pred_dir) if recorded else None
-    run_file = run_dir / "run.json" if run_dir else None
-    return (json.loads(run_file.read_text()) if run_file and run_file.is_file() else {}), run_dir
+    from brainmclip.models.predictions import prediction_run
+
+    run_dir, run = prediction_run(pred, pred_dir)
+    return run, run_dir
 
 
 def _target_layers(pred, pred_dir: Path) -> dict:

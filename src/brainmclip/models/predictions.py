@@ -28,7 +28,8 @@ from brainmclip.errors import InvalidInputError
 from brainmclip.integrity import folder_checksums, load_npy
 from brainmclip.types import DecodedEmbeddings
 
-__all__ = ["PREDICTION_FORMAT", "PREDICTION_ARRAYS", "TARGET_ARRAY", "write_predictions", "load_predictions"]
+__all__ = ["PREDICTION_FORMAT", "PREDICTION_ARRAYS", "TARGET_ARRAY", "write_predictions", "load_predictions",
+           "prediction_run"]
 
 PREDICTION_FORMAT = "brainmclip-predictions/1"
 PREDICTION_ARRAYS = ("image", "text", "image_semantic", "image_detail")
@@ -89,3 +90,29 @@ def load_predictions(path: str | os.PathLike, mmap: bool = True) -> DecodedEmbed
                              # image is None only for text-only ablations
                              split=manifest.get("split", "test"), method=manifest.get("method", "unknown"),
                              manifest=manifest, targets=targets, **arrays)
+
+
+def prediction_run(pred: DecodedEmbeddings, pred_dir: str | os.PathLike) -> tuple[Path | None, dict]:
+    """The training run folder behind predictions in ``pred_dir`` and its ``run.json`` content.
+
+    ``(None, {})`` when the manifest names no run, ``(run_dir, {})`` when the run's record is not there;
+    a record that is not a JSON object is an error naming it.
+    """
+    import json
+
+    from brainmclip.paths import resolve_path
+
+    recorded = pred.manifest.get("run")
+    if not recorded:
+        return None, {}
+    run_dir = resolve_path(recorded, Path(pred_dir))
+    record = run_dir / "run.json"
+    if not record.is_file():
+        return run_dir, {}
+    try:
+        data = json.loads(record.read_bytes().decode("utf-8"))
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"{record}: truncated or corrupt JSON; expected the training run's record")
+    return run_dir, data
