@@ -51,7 +51,8 @@ MAX_GRID_IMAGES = 10
 
 
 #: How methods are named on the page (others appear as they are called in the runs).
-METHOD_LABELS = {"brain_mclip": "BrainMCLIP", "brainclip": "BrainCLIP", "gt_embedding": "GT embedding (upper bound)"}
+METHOD_LABELS = {"brain_mclip": "BrainMCLIP", "brainclip": "BrainCLIP", "minddiffuser": "MindDiffuser",
+                 "gt_embedding": "GT embedding (upper bound)"}
 
 
 def _method_label(method) -> str:
