@@ -23,8 +23,8 @@ from brainmclip.data.nsd_paths import ROI_NAMES
 from brainmclip.data.prepared import PreparedWriter, VoxelSet
 from brainmclip.errors import InvalidInputError, MissingInputError, OutputInTheWayError
 
-__all__ = ["ROW_CHUNK", "check_out", "file_identity", "nsd_voxels", "zscore_with_non_test", "open_h5", "to_uint8",
-           "check_ids", "require_readable", "check_curated_captions", "coco_caption_files", "check_nsd_stimuli",
+__all__ = ["ROW_CHUNK", "build_prepared", "check_out", "file_identity", "nsd_voxels", "zscore_with_non_test", "open_h5",
+           "to_uint8", "check_ids", "require_readable", "check_curated_captions", "coco_caption_files", "check_nsd_stimuli",
            "copy_nsd_stimuli"]
 
 # Rows per block when streaming a split's betas (memory: one block, not the split).
@@ -76,6 +76,36 @@ def check_out(out: Path, identity: dict, force: bool) -> str:
         elif target.exists():
             target.unlink()
     return "fresh"
+
+
+def build_prepared(out: Path, identity: dict, force: bool, voxels: VoxelSet, build):
+    """Check ``out`` against ``identity`` (:func:`check_out`), then, unless it is up to date, write a prepared
+    dataset: ``build(writer)`` fills the staging folder and returns the manifest, which is committed last.
+
+    A failed build leaves no staging or work folder behind, so it can be repeated without ``--force``.
+    Returns the prepared dataset and whether it was built now.
+    """
+    import logging
+
+    from brainmclip.data.prepared import load_prepared
+
+    out = Path(out)
+    if check_out(out, identity, force) == "complete":
+        logging.getLogger("brainmclip.prepare").info("%s is up to date; nothing to do", out)
+        return load_prepared(out), False
+    work = out / ".work"
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "identity.json").write_text(json.dumps(identity, sort_keys=True))
+        writer = PreparedWriter(out)
+        writer.save_voxels(voxels)
+        writer.commit(build(writer))
+    except BaseException:
+        shutil.rmtree(out / ".staging", ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    return load_prepared(out), True
 
 
 def _json_or_none(path: Path):

@@ -51,11 +51,9 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import json
 import logging
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,9 +64,9 @@ from tqdm.auto import tqdm
 
 from brainmclip import __version__
 from brainmclip.atomic import atomic_path, locks_output
-from brainmclip.data.build_common import ROW_CHUNK, check_out, file_identity, open_h5, zscore_with_non_test
+from brainmclip.data.build_common import ROW_CHUNK, build_prepared, file_identity, open_h5, zscore_with_non_test
 from brainmclip.data.labels import write_class_labels
-from brainmclip.data.prepared import PREPARED_FORMAT, PreparedSubject, PreparedWriter, VoxelSet, load_prepared
+from brainmclip.data.prepared import PREPARED_FORMAT, PreparedSubject, PreparedWriter, VoxelSet
 from brainmclip.errors import InvalidInputError, MissingInputError
 from brainmclip.paths import record_path
 
@@ -588,16 +586,8 @@ def prepare_god(input, subject: int, out, images=None, class_names=None, val_siz
         identity = {"subject": subject, "source": "god", "options": options, "code_version": __version__,
                     "inputs": inputs}
         out = Path(out)
-        state = check_out(out, identity, force)
-        if state == "complete":
-            log.info("%s is up to date; nothing to do", out)
-            return load_prepared(out)
-        work = out / ".work"
-        try:
-            work.mkdir(parents=True, exist_ok=True)
-            (work / "identity.json").write_text(json.dumps(identity, sort_keys=True))
-            writer = PreparedWriter(out)
-            writer.save_voxels(plan.voxels)
+
+        def write(writer: PreparedWriter) -> dict:
             class_of = {w: k for k, w in enumerate(wnids)}
             _write_betas(writer, bd, plan, normalize, progress)
             for split in ("train", "val", "test"):
@@ -606,18 +596,16 @@ def prepare_god(input, subject: int, out, images=None, class_names=None, val_siz
             if files is not None:
                 _write_images(writer, plan, files, int(image_size), progress)
             write_class_labels(writer.staging, classes, all_ids, [class_of[_wnid(i)] for i in all_ids.tolist()])
-            manifest = _manifest(identity, plan, path, out, images, class_names, classes, wnids, normalize, start)
-            writer.commit(manifest)
-        except BaseException:
-            shutil.rmtree(out / ".staging", ignore_errors=True)
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-        shutil.rmtree(work, ignore_errors=True)
+            return _manifest(identity, plan, path, out, images, class_names, classes, wnids, normalize, start)
+
+        prepared, built = build_prepared(out, identity, force, plan.voxels, write)
+        if not built:
+            return prepared
     if files is None:
         log.warning("subject %d: prepared without images; extract needs them (pass the folder of GOD's stimulus "
                     "images)", subject)
     log.info("prepared GOD subject %d in %.1f s", subject, time.perf_counter() - start)
-    return load_prepared(out)
+    return prepared
 
 
 def _pad(lists: list[list[int]]) -> np.ndarray:

@@ -8,10 +8,8 @@ and commits the dataset when it succeeds.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,9 +21,9 @@ from brainmclip import __version__
 from brainmclip.data import nsd_paths
 from brainmclip.data.build_common import (
     ROW_CHUNK,
+    build_prepared,
     check_curated_captions,
     check_ids,
-    check_out,
     coco_caption_files,
     file_identity,
     nsd_voxels,
@@ -40,7 +38,7 @@ from brainmclip.data.nsd_official import (
 )
 from brainmclip.data.nsd_paths import ROI_NAMES, check_subject
 from brainmclip.data.prepare import DEFAULT_VAL_FRACTION, NORMALIZATIONS
-from brainmclip.data.prepared import PREPARED_FORMAT, PreparedSubject, PreparedWriter, VoxelSet, load_prepared
+from brainmclip.data.prepared import PREPARED_FORMAT, PreparedSubject, PreparedWriter, VoxelSet
 from brainmclip.errors import InvalidInputError, MissingInputError
 from brainmclip.paths import record_path
 
@@ -134,18 +132,10 @@ def run_job(job: Job, voxels: VoxelSet, build: Callable[[PreparedWriter], dict])
     identity = {"subject": job.subject, "source": job.fmt, "options": job.options(), "code_version": __version__,
                 "inputs": {key: file_identity(path, job.full_hash) for key, path in sorted(job.inputs.items())}}
     out = job.out
-    state = check_out(out, identity, job.force)
-    if state == "complete":
-        log.info("%s is up to date; nothing to do", out)
-        return load_prepared(out)
-    work = out / ".work"
-    try:
-        work.mkdir(parents=True, exist_ok=True)
-        (work / "identity.json").write_text(json.dumps(identity, sort_keys=True))
-        writer = PreparedWriter(out)
-        writer.save_voxels(voxels)
+
+    def write(writer: PreparedWriter) -> dict:
         details = build(writer)
-        manifest = {
+        return {
             **identity,
             "format": PREPARED_FORMAT,
             "input": record_path(job.input_dir, out),
@@ -155,15 +145,12 @@ def run_job(job: Job, voxels: VoxelSet, build: Callable[[PreparedWriter], dict])
             **details,
             "seconds": round(time.perf_counter() - job.start, 2),
         }
-        writer.commit(manifest)
-    except BaseException:
-        # Leave no half-built state behind: a failed run can be repeated (or fixed) without --force.
-        shutil.rmtree(out / ".staging", ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    shutil.rmtree(work, ignore_errors=True)
+
+    prepared, built = build_prepared(out, identity, job.force, voxels, write)
+    if not built:
+        return prepared
     log.info("prepared subject %d from %s files in %.1f s", job.subject, job.fmt, time.perf_counter() - job.start)
-    return load_prepared(out)
+    return prepared
 
 
 def voxel_set(job: Job, n_voxels: int, source: Path) -> VoxelSet:
