@@ -534,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"brainmclip {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch, MKL and OpenBLAS (default: OMP_NUM_THREADS if set, else every CPU "
+                             "this process may use); idle threads spin briefly, then sleep (see brainmclip.threads)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_simulate(sub)
     _add_module_command(sub, "simulate-god", "brainmclip.data.synthetic.god",
@@ -678,6 +681,10 @@ def main(argv: list[str] | None = None) -> int:
     console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=min(level, logging.INFO), handlers=[console], force=True)
     try:
+        from brainmclip.threads import apply_thread_policy
+
+        policy = apply_thread_policy(args.threads)  # before any command imports torch
+        log.debug("threads: %(threads)d, OpenMP wait: %(wait)s", policy)
         return args.func(args)
     except (BrainmclipError, OSError) as exc:
         # Our own error type says what is wrong with the user's inputs; an operating-system error that names its

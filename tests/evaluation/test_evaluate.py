@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from scipy import stats
 
 from brainmclip.evaluation.evaluate import bootstrap_ci, format_markdown, paired_tests
@@ -33,6 +34,19 @@ def test_paired_wilcoxon_matches_scipy():
     assert first["p_value"] == stats.wilcoxon(a[first["metric"]], b[first["metric"]]).pvalue < 1e-4
     same = paired_tests({"x": {"SSIM": np.ones(5)}, "y": {"SSIM": np.ones(5)}})
     assert same[0]["p_value"] == 1.0
+
+
+def test_paired_tests_pair_the_images_both_methods_hold():
+    rng = np.random.default_rng(1)
+    ids = {"full": np.arange(100, 130), "part": np.array([117, 101, 125, 103, 110, 129, 100, 108])}
+    full = {"PixCorr": rng.normal(size=30)}
+    part = {"PixCorr": rng.normal(size=8)}
+    (test,) = paired_tests({"full": full, "part": part}, ids)
+    rows = ids["part"] - 100  # the full run's rows of the part's images, in the part's order
+    want = stats.wilcoxon(full["PixCorr"][rows], part["PixCorr"])
+    assert test["n_images"] == 8 and test["p_value"] == pytest.approx(want.pvalue, rel=1e-12)
+    assert test["median_difference"] == pytest.approx(np.median(full["PixCorr"][rows] - part["PixCorr"]))
+    assert paired_tests({"full": full, "part": part}) == []  # without ids, unequal lengths are not paired
 
 
 def test_markdown_marks_published_and_uncalibrated_rows():

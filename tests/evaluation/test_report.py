@@ -355,3 +355,27 @@ def test_chromium_detects_a_broken_image(tmp_path):
                          ["--virtual-time-budget=3000", "--dump-dom", index.as_uri()],
                          capture_output=True, text=True, timeout=120)
     assert "<title>images-broken: 1</title>" in dom.stdout, dom.stderr[-2000:]
+
+
+def test_grid_lines_runs_up_by_image_and_marks_partial_runs(tmp_path):
+    from brainmclip.evaluation.report import _grid_rows
+
+    ids = np.array([40, 10, 30, 20])
+    paths = []
+    for k in range(4):
+        paths.append(tmp_path / f"{k}.png")
+        _png(paths[-1], k)
+    full = ReportRun(RunEvaluation(1, "brain_mclip", {"SSIM": 0.5}, n_images=4), recon_paths=list(map(str, paths)),
+                     stimulus_ids=ids)
+    part = ReportRun(RunEvaluation(1, "brain_mclip+MindDiffuser", {"SSIM": 0.6}, n_images=2),
+                     recon_paths=list(map(str, paths[:2])), stimulus_ids=np.array([30, 40]))
+    # columns: the images both hold, in the first run's order; each run's rows of them
+    assert _grid_rows([full, part]) == [[0, 2], [1, 0]]
+    assert _grid_rows([full, ReportRun(RunEvaluation(1, "x", {}), recon_paths=[str(paths[0])])]) == [[0, 1, 2, 3], [0]]
+    out = tmp_path / "r"
+    tests = {"subj01": [{"metric": "SSIM", "a": "brain_mclip", "b": "brain_mclip+MindDiffuser",
+                         "median_difference": -0.1, "p_value": 0.031, "n_images": 2}]}
+    write_report(out, [full, part], paired_tests=tests)
+    html = (out / "index.html").read_text()
+    assert "BrainMCLIP + MindDiffuser" in html and "first 2 of the test images" in html
+    assert 'id="paired"' in html and "-0.1000" in html and "0.031" in html

@@ -267,12 +267,40 @@ def test_refusals(predictions, models, scenes, tmp_path):
                                     progress=False)
     with pytest.raises(InvalidInputError) as err:
         refine(made.root, predictions, tmp_path / "c", MindDiffuserOptions(**FAST), progress=False)
-    assert "other images" in _one_line(err)
+    assert "no reconstruction of 1 of the 3 images" in _one_line(err) and "--limit" in _one_line(err)
+    assert made.manifest["settings"]["method"] == "minddiffuser_stage1"  # Stage 1 alone is its own row
+    # the images the base holds can be refined: --limit takes the first predictions
+    limited = refine(made.root, predictions, tmp_path / "c", MindDiffuserOptions(**{**FAST, "limit": 2}),
+                     progress=False)
+    assert limited.stimulus_ids.tolist() == IDS[:2].tolist()
 
-    with pytest.raises(InvalidInputError):
-        MindDiffuserOptions(optimize=("w",))
-    with pytest.raises(InvalidInputError):
-        MindDiffuserOptions(strength=0)
+    for bad, word in [(dict(optimize=("w",)), "optimize"), (dict(strength=0), "strength"),
+                      (dict(strength=0.4, reverse_strength=0.6), "at most as many reverse steps"),
+                      (dict(limit=0), "limit")]:
+        with pytest.raises(InvalidInputError) as err:
+            MindDiffuserOptions(**bad)
+        assert word in _one_line(err)
+
+
+def test_reverse_steps_keep_the_published_gap_below_the_noise_step():
+    assert (MindDiffuserOptions().noise_step, MindDiffuserOptions().reverse_steps) == (37, 35)  # as published
+    assert MindDiffuserOptions(strength=0.4).reverse_steps == 18  # the same two-step gap at another strength
+    assert MindDiffuserOptions(steps=100, strength=0.5).reverse_steps == 46  # two steps of 50 = four of 100
+    assert MindDiffuserOptions(steps=6, strength=0.2).reverse_steps == 1
+    assert MindDiffuserOptions(strength=0.5, reverse_strength=0.5).reverse_steps == 25  # LDM's img2img
+
+
+def test_limit_makes_the_first_images_and_a_larger_limit_adds_the_next(predictions, tmp_path):
+    out = tmp_path / "md"
+    options = {**FAST, "stage2_steps": 0}
+    first = minddiffuser_reconstruct(predictions, out, MindDiffuserOptions(**options, limit=2), progress=False)
+    assert first.stimulus_ids.tolist() == IDS[:2].tolist() and not (out / png_name(IDS[2])).exists()
+    assert first.manifest["settings"]["limit"] == 2 and sorted(first.manifest["images"]) == sorted(map(str, IDS[:2]))
+    kept = (out / png_name(IDS[0])).read_bytes()
+    mtime = os.stat(out / png_name(IDS[0])).st_mtime_ns
+    whole = minddiffuser_reconstruct(predictions, out, MindDiffuserOptions(**options), progress=False)
+    assert whole.stimulus_ids.tolist() == IDS.tolist() and whole.manifest["new_images"] == 1
+    assert os.stat(out / png_name(IDS[0])).st_mtime_ns == mtime and (out / png_name(IDS[0])).read_bytes() == kept
 
 
 def test_missing_masks_count_every_dimension(models, scenes, tmp_path):

@@ -51,17 +51,28 @@ def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple
     return float(low), float(high)
 
 
-def paired_tests(per_image: dict[str, dict[str, np.ndarray]]) -> list[dict]:
-    """Wilcoxon signed-rank test per metric for every pair of methods (same images, same order)."""
+def paired_tests(per_image: dict[str, dict[str, np.ndarray]], ids: dict[str, np.ndarray] | None = None) -> list[dict]:
+    """Wilcoxon signed-rank test per metric for every pair of methods, on the images both were scored on.
+
+    ``ids[method]`` lists the NSD ids behind ``per_image[method]``'s rows; without it both must hold the same
+    images in the same order. ``n_images`` of each test says how many images were paired.
+    """
     out = []
     for a, b in combinations(sorted(per_image), 2):
+        if ids is not None:
+            common, ra, rb = np.intersect1d(ids[a], ids[b], assume_unique=True, return_indices=True)
         for metric in METRICS:
             x, y = per_image[a].get(metric), per_image[b].get(metric)
-            if x is None or y is None or len(x) != len(y):
+            if x is None or y is None:
+                continue
+            if ids is not None:
+                x, y = np.asarray(x)[ra], np.asarray(y)[rb]
+            if len(x) != len(y) or len(x) < 2:
                 continue
             diff = np.asarray(x, np.float64) - np.asarray(y, np.float64)
             p = float(stats.wilcoxon(x, y).pvalue) if np.any(diff != 0) else 1.0
-            out.append({"metric": metric, "a": a, "b": b, "median_difference": float(np.median(diff)), "p_value": p})
+            out.append({"metric": metric, "a": a, "b": b, "median_difference": float(np.median(diff)), "p_value": p,
+                        "n_images": int(len(x))})
     return out
 
 
@@ -114,11 +125,21 @@ def evaluate_reconstructions(recon_dirs, out, protocol=None, clip_model: str = "
     out = Path(out)
     entries: list[RunEvaluation] = []
     per_image_all = {}
+    ids_all: dict[str, np.ndarray] = {}
+    folders: dict[str, object] = {}
     truth_cache = {} if truth_cache is None else truth_cache
     checker = None
     for recon_dir in recon_dirs:
         recon = load_reconstructions(recon_dir)
         pred_manifest, run, pred_dir, run_dir = _run_info(recon)
+        subject = int(pred_manifest.get("subject", 0))
+        # The reconstruction names its method where it differs from the predictions' (Stage 1 alone, a refinement).
+        method = str(recon.manifest["settings"].get("method") or pred_manifest.get("method", "unknown"))
+        key = f"subj{subject:02d}/{method}"
+        if key in folders:
+            raise InvalidInputError(f"{folders[key]} and {recon_dir} both hold {method} reconstructions of subject "
+                                    f"{subject}; expected one folder per method and subject (evaluate them separately)")
+        folders[key], ids_all[key] = recon_dir, np.asarray(recon.stimulus_ids)
         data = resolve_path(run["data"], run_dir) if run.get("data") else None
         if not run or data is None or not (data / "manifest.json").exists():
             raise MissingInputError(f"{recon_dir}: cannot find the run and prepared dataset behind these "
@@ -132,8 +153,6 @@ def evaluate_reconstructions(recon_dirs, out, protocol=None, clip_model: str = "
         result = evaluate_images(recons, truths, protocol=protocol, clip_model=clip_model, weights_dir=weights_dir,
                                  allow_random=allow_random, batch_size=batch_size, networks=networks,
                                  truth_cache=truth_cache, metrics=metrics or METRICS)
-        subject, method = int(pred_manifest.get("subject", 0)), str(pred_manifest.get("method", "unknown"))
-        key = f"subj{subject:02d}/{method}"
         per_image = {m: np.asarray(v) for m, v in result.per_image.items()}
         scene_checks = {}
         root = scene_root(data)
@@ -154,9 +173,12 @@ def evaluate_reconstructions(recon_dirs, out, protocol=None, clip_model: str = "
             data=record_path(data, out), run=record_path(run_dir, out) if run_dir else None))
         log.info("%s: %s", key, ", ".join(f"{m} {v:.3f}" for m, v in entries[-1].metrics.items()))
     by_subject: dict[int, dict] = {}
+    ids_by_subject: dict[int, dict] = {}
     for key, values in per_image_all.items():
         by_subject.setdefault(int(key[4:6]), {})[key.split("/", 1)[1]] = values
-    tests = {f"subj{s:02d}": paired_tests(methods) for s, methods in by_subject.items() if len(methods) > 1}
+        ids_by_subject.setdefault(int(key[4:6]), {})[key.split("/", 1)[1]] = ids_all[key]
+    tests = {f"subj{s:02d}": paired_tests(methods, ids_by_subject[s]) for s, methods in by_subject.items()
+             if len(methods) > 1}
     methods = sorted({e.method for e in entries})
     means = {}
     for method in methods:
@@ -268,6 +290,18 @@ def format_markdown(report: dict) -> str:
                   "| method | subject | reconstructions | true images |", "|---|---|---|---|"]
         lines += [f"| {e.method} | {e.subject} | {100 * e.scene_checks['category_agreement']:.1f}% | "
                   f"{100 * e.scene_checks['truth_zero_shot']:.1f}% |" for e in checked]
+    counts = {e.n_images for e in runs}
+    if len(counts) > 1:
+        lines += ["", "Rows are scored on different numbers of test images (a costly method made on part of the test "
+                      "set): " + ", ".join(f"{e.method} subject {e.subject}: {e.n_images}" for e in runs) + ". Paired "
+                      "tests below use the images both rows hold."]
+    tests = [(subject, t) for subject, rows in sorted(report.get("paired_tests", {}).items()) for t in rows]
+    if tests:
+        lines += ["", "Paired Wilcoxon signed-rank tests per image (median difference a - b; lower is better for "
+                      "EffNet-B and SwAV):", "", "| subject | a | b | metric | images | median a - b | p |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {subject[4:]} | {t['a']} | {t['b']} | {t['metric']} | {t.get('n_images', '')} | "
+                  f"{t['median_difference']:+.4f} | {t['p_value']:.2g} |" for subject, t in tests]
     if any(e.uncalibrated for e in runs):
         lines += ["", "† uncalibrated: computed with a randomly initialised metric network (weights were absent and "
                       "--allow-random-metric-nets was given); not comparable with published numbers."]
@@ -297,7 +331,8 @@ def make_report(eval_dir, out, title: str = "brainmclip reconstructions", debug_
             evaluation=e, recon_paths=[str(p) for p in recon.paths],
             truth_images=_truth_images(Path(e.data), recon.stimulus_ids),
             curves=read_tensorboard_scalars(e.run) if e.run else {}, protocol=report["protocol"],
-            data={"test_set": e.test_set, "n_images": e.n_images, "prepared": e.data}))
+            data={"test_set": e.test_set, "n_images": e.n_images, "prepared": e.data},
+            stimulus_ids=recon.stimulus_ids))
     clip_label = clip_metric_label(report.get("clip_model", ""))
     notes = []
     if clip_label:
@@ -309,7 +344,8 @@ def make_report(eval_dir, out, title: str = "brainmclip reconstructions", debug_
                      "made and overstate how recognisable they are; the other columns are independent of it.")
     found = [a for folder in analyses for a in find_analyses(folder)]
     return write_report(out, runs, title=title, published=report["published"], debug_image_check=debug_image_check,
-                        clip_label=clip_label, notes=notes, analyses=found)
+                        clip_label=clip_label, notes=notes, analyses=found,
+                        paired_tests=report.get("paired_tests"))
 
 
 def clip_metric_label(clip_model: str) -> str | None:

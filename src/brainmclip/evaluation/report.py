@@ -52,11 +52,14 @@ MAX_GRID_IMAGES = 10
 
 #: How methods are named on the page (others appear as they are called in the runs).
 METHOD_LABELS = {"brain_mclip": "BrainMCLIP", "brainclip": "BrainCLIP", "minddiffuser": "MindDiffuser",
-                 "gt_embedding": "GT embedding (upper bound)"}
+                 "minddiffuser_stage1": "MindDiffuser (Stage 1 only)", "gt_embedding": "GT embedding (upper bound)"}
 
 
 def _method_label(method) -> str:
-    return METHOD_LABELS.get(str(method), str(method))
+    method = str(method)
+    if method.endswith("+MindDiffuser"):  # a method refined by MindDiffuser's Stage 2
+        return f"{_method_label(method[:-len('+MindDiffuser')])} + MindDiffuser"
+    return METHOD_LABELS.get(method, method)
 
 
 def _canonical_map(values: Mapping | None) -> dict:
@@ -69,7 +72,8 @@ class ReportRun:
 
     ``truth_paths`` (PNG files) or ``truth_images`` (uint8 (n, H, W, 3)) give the ground truth of the grid;
     ``curves`` are TensorBoard scalars ``{tag: [(step, value), ...]}``; ``protocol`` and ``data`` describe how
-    the metrics were computed and on what.
+    the metrics were computed and on what. ``stimulus_ids`` (NSD id per reconstruction) lines the grid's columns up
+    by image when runs hold different images (one made on part of the test set); without it, by position.
     """
 
     evaluation: RunEvaluation
@@ -79,6 +83,7 @@ class ReportRun:
     curves: dict = field(default_factory=dict)
     protocol: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
+    stimulus_ids: np.ndarray | None = None
 
     @property
     def subject(self) -> int:
@@ -139,13 +144,24 @@ def _as_rgb_array(image) -> np.ndarray:
     return arr
 
 
-def _truth_of(run: ReportRun) -> list[np.ndarray] | None:
+def _truth_of(run: ReportRun, rows: list[int]) -> list[np.ndarray] | None:
     if run.truth_paths:
-        return [_load_rgb(p) for p in run.truth_paths[:MAX_GRID_IMAGES]]
+        return [_load_rgb(run.truth_paths[r]) for r in rows if r < len(run.truth_paths)]
     if run.truth_images is not None:
-        images = run.truth_images
-        return [_as_rgb_array(images[i]) for i in range(min(len(images), MAX_GRID_IMAGES))]
+        return [_as_rgb_array(run.truth_images[r]) for r in rows if r < len(run.truth_images)]
     return None
+
+
+def _grid_rows(runs: Sequence[ReportRun]) -> list[list[int]]:
+    """Per run, the rows of its images in the grid's columns: the first images every run holds, matched by NSD id
+    when all runs know their ids, else the first rows."""
+    if runs and all(r.stimulus_ids is not None for r in runs):
+        shared = set.intersection(*(set(np.asarray(r.stimulus_ids).tolist()) for r in runs))
+        order = [int(i) for i in runs[0].stimulus_ids if int(i) in shared][:MAX_GRID_IMAGES]
+        if order:
+            positions = [{int(i): k for k, i in enumerate(r.stimulus_ids)} for r in runs]
+            return [[where[i] for i in order] for where in positions]
+    return [list(range(min(MAX_GRID_IMAGES, len(r.recon_paths)))) for r in runs]
 
 
 def _plt():
@@ -163,12 +179,13 @@ def _save_figure(fig, path: Path) -> None:
 
 def _grid_figure(subject: int, runs: Sequence[ReportRun], path: Path) -> int:
     """Ground truth in the first row, one row per method below; returns the number of columns drawn."""
-    truth = next((t for t in (_truth_of(r) for r in runs) if t is not None), None)
+    columns = _grid_rows(runs)
+    truth = next((t for t in (_truth_of(r, c) for r, c in zip(runs, columns, strict=True)) if t is not None), None)
     rows: list[tuple[str, list[np.ndarray]]] = []
     if truth is not None:
         rows.append(("ground truth", truth))
-    for run in runs:
-        recons = [_load_rgb(p) for p in run.recon_paths[:MAX_GRID_IMAGES]]
+    for run, picks in zip(runs, columns, strict=True):
+        recons = [_load_rgb(run.recon_paths[r]) for r in picks if r < len(run.recon_paths)]
         rows.append((_method_label(run.method), recons))
     n_cols = max((len(images) for _, images in rows), default=0)
     if n_cols == 0:
@@ -358,6 +375,21 @@ def _published_rows(published: Sequence[Mapping], n_cols: int) -> str:
     return '<tbody class="published">' + "".join(prow) + "</tbody>"
 
 
+def _paired_table(paired_tests: Mapping) -> str:
+    """Paired Wilcoxon tests between methods, folded: one row per subject, pair and metric."""
+    rows = [(subject, t) for subject, tests in sorted(paired_tests.items()) for t in tests]
+    if not rows:
+        return ""
+    body = "".join(
+        f'<tr><td>{_e(subject[4:].lstrip("0"))}</td><td class="name">{_e(_method_label(t["a"]))}</td>'
+        f'<td class="name">{_e(_method_label(t["b"]))}</td><td>{_e(t["metric"])}</td><td>{_e(t.get("n_images", ""))}</td>'
+        f'<td>{float(t["median_difference"]):+.4f}</td><td>{float(t["p_value"]):.2g}</td></tr>' for subject, t in rows)
+    return ('<details id="paired"><summary>Paired tests between methods (Wilcoxon signed-rank over the images both '
+            'hold)</summary><table><thead><tr><th>subject</th><th class="name">a</th><th class="name">b</th>'
+            '<th>metric</th><th>images</th><th>median a &minus; b</th><th>p</th></tr></thead>'
+            f"<tbody>{body}</tbody></table></details>")
+
+
 def _metric_table(runs: Sequence[ReportRun], published: Sequence[Mapping], clip_label: str | None = None
                   ) -> tuple[str, bool]:
     """Our rows (and mean rows); published rows below them, or, when our CLIP metric used another network
@@ -365,10 +397,14 @@ def _metric_table(runs: Sequence[ReportRun], published: Sequence[Mapping], clip_
     n_cols = len(METRIC_TABLE) + 3
     rows = [f'<tr class="block"><td colspan="{n_cols}">ours</td></tr>']
     any_unc = False
+    most = {s: max(int(r.evaluation.n_images) for r in runs if r.subject == s) for s in {r.subject for r in runs}}
     for run in sorted(runs, key=lambda r: (r.subject, r.method)):
         e = run.evaluation
         any_unc |= bool({canonical_metric(u) for u in e.uncalibrated} & set(_canonical_map(e.metrics)))
-        rows.append(f'<tr><td class="name">{_e(_method_label(run.method))}</td><td>{_e(run.subject)}</td>'
+        # A run made on part of the test set says so: its means are over fewer (and other) images.
+        part = (f'<span class="ci">first {int(e.n_images)} of the test images</span>'
+                if 0 < int(e.n_images) < most[run.subject] else "")
+        rows.append(f'<tr><td class="name">{_e(_method_label(run.method))}{part}</td><td>{_e(run.subject)}</td>'
                     f'{_metric_cells(e.metrics, e.ci95, e.uncalibrated)}'
                     f'<td>{_e(_params_text(e.parameters))}</td></tr>')
     subjects = sorted({r.subject for r in runs})
@@ -501,7 +537,7 @@ def _analyses_html(analyses: Sequence[Mapping]) -> list[str]:
 
 def _render_html(title: str, runs: Sequence[ReportRun], published: Sequence[Mapping], figures: Mapping,
                  debug_image_check: bool, clip_label: str | None = None, notes: Sequence[str] = (),
-                 analyses: Sequence[Mapping] = ()) -> str:
+                 analyses: Sequence[Mapping] = (), paired_tests: Mapping | None = None) -> str:
     protocols = _unique([r.protocol for r in runs])
     datas = _unique([r.data for r in runs])
     subjects = sorted({r.subject for r in runs})
@@ -539,6 +575,7 @@ def _render_html(title: str, runs: Sequence[ReportRun], published: Sequence[Mapp
         parts.append('<p class="legend">Rows in the shaded <i>published (paper)</i> block are copied from the '
                      "papers, not produced by this code; they are for orientation, not a like-for-like comparison."
                      "</p>")
+    parts.append(_paired_table(paired_tests or {}))
     parts.append(_retrieval_table(runs))
     parts.append(_scene_table(runs))
     for subject in subjects:
@@ -659,7 +696,8 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 def write_report(out_dir, runs: Sequence[ReportRun], title: str = "BrainMCLIP reconstruction report",
                  published: Sequence[Mapping] | None = None, debug_image_check: bool = False,
-                 clip_label: str | None = None, notes: Sequence[str] = (), analyses: Sequence[Mapping] = ()) -> Path:
+                 clip_label: str | None = None, notes: Sequence[str] = (), analyses: Sequence[Mapping] = (),
+                 paired_tests: Mapping | None = None) -> Path:
     """Write ``out_dir/index.html`` and ``out_dir/figures/*.png``; return the path of index.html.
 
     ``analyses`` are summaries of analysis folders (:func:`brainmclip.analysis.common.find_analyses`);
@@ -667,6 +705,8 @@ def write_report(out_dir, runs: Sequence[ReportRun], title: str = "BrainMCLIP re
 
     ``clip_label`` names the network behind our CLIP column when it is not CLIP ViT-L/14 (e.g. "mini-CLIP");
     published rows then get a table of their own. ``notes`` are sentences shown under the header.
+    ``paired_tests``: ``{"subjNN": [{"metric", "a", "b", "median_difference", "p_value", "n_images"}, ...]}`` as
+    ``brainmclip evaluate`` writes them; shown in a table below the metrics.
 
     ``debug_image_check`` adds a tiny script that sets ``document.title`` to ``"images-ok"`` once
     every image has loaded (or ``"images-broken: N"``); for tests only, the default page has no script.
@@ -697,7 +737,8 @@ def write_report(out_dir, runs: Sequence[ReportRun], title: str = "BrainMCLIP re
                 a["figure_src"] = f"figures/analysis_{k:02d}_{a['analysis']}.png"
                 shutil.copyfile(source, tmp / a["figure_src"])
             shown.append(a)
-        page = _render_html(title, runs, published, figures, debug_image_check, clip_label, notes, shown)
+        page = _render_html(title, runs, published, figures, debug_image_check, clip_label, notes, shown,
+                            paired_tests or {})
         (tmp / "index.html").write_text(page, encoding="utf-8")
         marker = {"format": REPORT_FORMAT, "title": title, "files": _report_files(tmp), "code_version": __version__}
         (tmp / REPORT_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")

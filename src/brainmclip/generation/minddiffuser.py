@@ -14,7 +14,8 @@ x = sqrt(ᾱ_{τ_37}) z + sqrt(1 - ᾱ_{τ_37}) ε (τ_37 = 741), and ``decode(x
 ..., τ_0 (681 down to 1), i.e. the reverse starts two schedule steps below the noise level it was given (the
 sampler treats the latent noised to t = 741 as if it were at t = 681). Here ``strength`` sets the noise step
 k = round(strength · steps) (0.74 → 37) and ``reverse_strength`` the number of reverse steps
-r = round(reverse_strength · steps) (0.70 → 35), run at τ_{r-1} ... τ_0 exactly as the published sampler does;
+r = round(reverse_strength · steps), run at τ_{r-1} ... τ_0 exactly as the published sampler does; by default r
+keeps the published gap below k (two steps of 50, i.e. r = k - round(0.04 · steps): 35 for k = 37) at any strength;
 ``reverse_strength = strength`` gives LDM's own img2img (``scripts/img2img.py``: noise to step k, decode k steps).
 k = ``steps`` (strength 1) starts from pure noise (the start of text-to-image sampling). Each reverse step uses
 classifier-free guidance with scale s (5): ε = ε(x, ∅) + s (ε(x, c) - ε(x, ∅)), ∅ = the UNet condition of the
@@ -105,17 +106,19 @@ class MindDiffuserOptions:
     names (it must be the SD whose VAE and text encoder made z and c). ``structural_clip``: likewise for the CLIP
     of the structural features. ``steps``: DDIM schedule length. ``strength``: noise step k = round(strength·steps)
     that z is diffused to. ``reverse_strength``: number of reverse steps r = round(reverse_strength·steps), run from
-    schedule step r-1 down (None: r = k). ``guidance_scale``: classifier-free guidance of c against the empty
+    schedule step r-1 down (None: the published gap, r = k - round(0.04·steps), at least 1; r never exceeds k).
+    ``guidance_scale``: classifier-free guidance of c against the empty
     prompt. ``stage2_steps``: Adam iterations (0 = Stage 1 only), ``lr`` its learning rate, ``optimize`` which of
     z and c it updates, ``noise``: 'fresh' (a new ε every iteration, as published) or 'fixed'. ``size``: output
-    side in pixels (default: the generator's native size).
+    side in pixels (default: the generator's native size). ``limit``: make only the first ``limit`` predicted images
+    (in the predictions' order), for a costly run on part of the test set; raising it later adds the next images.
     """
 
     generator: str | None = None
     structural_clip: str | None = None
     steps: int = 50
     strength: float = 0.74
-    reverse_strength: float | None = 0.70
+    reverse_strength: float | None = None
     guidance_scale: float = 5.0
     stage2_steps: int = 60
     lr: float = 0.01
@@ -124,6 +127,7 @@ class MindDiffuserOptions:
     seed: int = 42
     size: int | None = None
     batch_size: int = 1
+    limit: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "optimize", tuple(self.optimize))
@@ -134,9 +138,15 @@ class MindDiffuserOptions:
             raise InvalidInputError(f"strength={self.strength}; expected a share of the steps in (0, 1]")
         if self.reverse_strength is not None and not 0 < self.reverse_strength <= 1:
             raise InvalidInputError(f"reverse_strength={self.reverse_strength}; expected a share in (0, 1] or None")
-        if round(self.strength * self.steps) < 1 or round((self.reverse_strength or self.strength) * self.steps) < 1:
+        if self.noise_step < 1 or self.reverse_steps < 1:
             raise InvalidInputError(f"strength {self.strength} / reverse_strength {self.reverse_strength} of "
                                     f"{self.steps} steps rounds to no step; raise them or the steps")
+        if self.reverse_steps > self.noise_step:
+            raise InvalidInputError(f"reverse_strength {self.reverse_strength} gives {self.reverse_steps} reverse steps "
+                                    f"from z noised to step {self.noise_step} (strength {self.strength}); expected at "
+                                    "most as many reverse steps as noise steps (reverse_strength <= strength)")
+        if self.limit is not None and self.limit < 1:
+            raise InvalidInputError(f"limit={self.limit}; expected a positive number of images or None (all)")
         if not np.isfinite(self.guidance_scale):
             raise InvalidInputError(f"guidance_scale={self.guidance_scale}; expected a finite number")
         if not (np.isfinite(self.lr) and self.lr > 0):
@@ -156,8 +166,9 @@ class MindDiffuserOptions:
     @property
     def reverse_steps(self) -> int:
         """r: reverse steps, run at schedule steps r-1, ..., 0."""
-        share = self.strength if self.reverse_strength is None else self.reverse_strength
-        return int(round(share * self.steps))
+        if self.reverse_strength is None:
+            return max(1, self.noise_step - int(round(0.04 * self.steps)))
+        return int(round(self.reverse_strength * self.steps))
 
 
 # -- Stage 1: the sampler ------------------------------------------------------------------------------------------
@@ -364,6 +375,7 @@ def _read_inputs(pred_dir: Path, options: MindDiffuserOptions, need_latent: bool
     pred = load_predictions(pred_dir)
     ids = np.asarray(pred.stimulus_ids)
     _check_ids(ids, pred_dir)
+    ids = ids[:options.limit]
     layers = sorted(int(name[len("struct_"):]) for name in pred.targets if name.startswith("struct_"))
     needed = ["sd_text", "sd_latent"] if need_latent else ["sd_text"]
     missing = [name for name in needed if name not in pred.targets] + ([] if layers else ["struct_NN"])
@@ -416,7 +428,8 @@ def _read_inputs(pred_dir: Path, options: MindDiffuserOptions, need_latent: bool
 def _pixel_options(options: MindDiffuserOptions) -> dict:
     values = asdict(options)
     values["optimize"] = list(options.optimize)
-    return {k: v for k, v in values.items() if k not in ("batch_size", "generator", "structural_clip")}
+    # limit only chooses which images are made, not how; raising it resumes the same folder.
+    return {k: v for k, v in values.items() if k not in ("batch_size", "generator", "structural_clip", "limit")}
 
 
 def _identity(kind: str, inputs: _Inputs, arrays: list[str], options: MindDiffuserOptions, device, dtype,
@@ -437,7 +450,7 @@ def _identity(kind: str, inputs: _Inputs, arrays: list[str], options: MindDiffus
 def _settings(inputs: _Inputs, out: Path, options: MindDiffuserOptions, method: str, kind: str) -> dict:
     return {"options": {**asdict(options), "optimize": list(options.optimize)},
             "predictions": record_path(inputs.pred_dir, out),
-            "predictions_manifest": inputs.pred.manifest.get("run"), "method": method,
+            "predictions_manifest": inputs.pred.manifest.get("run"), "method": method, "limit": options.limit,
             "subject": inputs.pred.subject, "generator": kind, "sd": inputs.generator,
             "structural_clip": inputs.structural_clip,
             "structural": {"layers": inputs.layers, "convention": inputs.convention},
@@ -554,7 +567,9 @@ def minddiffuser_reconstruct(pred_dir, out, options: MindDiffuserOptions | None 
     device, dtype = _device()
     arrays = ["stimulus_ids", "sd_text", "sd_latent", *(f"struct_{k:02d}" for k in inputs.layers)]
     identity = _identity("minddiffuser", inputs, arrays, options, device, dtype)
-    settings = _settings(inputs, out, options, "minddiffuser", "minddiffuser")
+    # Stage 1 alone is its own row in an evaluation beside the full method.
+    method = "minddiffuser" if options.stage2_steps else "minddiffuser_stage1"
+    settings = _settings(inputs, out, options, method, "minddiffuser")
     return _run(inputs, out, options, identity, settings, force, progress, start, None)
 
 
@@ -596,12 +611,11 @@ def _base_images(recon_dir: Path, ids: np.ndarray, pred_dir: Path) -> tuple[str,
         manifest = read_manifest(recon_dir, RECON_FORMAT, "a reconstruction folder", "reconstruct")
         base = str(manifest.get("settings", {}).get("method") or base)
         made = {int(k) for k in manifest.get("images", {})}
-        wanted = set(ids.tolist())
-        if made != wanted:
-            extra, lacking = sorted(made - wanted), sorted(wanted - made)
-            raise InvalidInputError(f"--recon {recon_dir} holds reconstructions of other images than {pred_dir} "
-                                    f"predicts ({len(lacking)} missing, first {lacking[:1]}; {len(extra)} extra, first "
-                                    f"{extra[:1]}); expected the same NSD ids")
+        lacking = sorted(set(ids.tolist()) - made)
+        if lacking:
+            raise InvalidInputError(f"--recon {recon_dir} holds no reconstruction of {len(lacking)} of the {len(ids)} "
+                                    f"images to refine (first NSD id {lacking[0]}); expected every image {pred_dir} "
+                                    "predicts (or pass --limit to refine the first ones)")
     paths = [recon_dir / png_name(i) for i in ids]
     lacking = [p for p in paths if not p.is_file()]
     if lacking:
@@ -693,9 +707,9 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=defaults.steps, help="DDIM schedule length (default %(default)s)")
     parser.add_argument("--strength", type=float, default=defaults.strength,
                         help="noise step of z as a share of the steps (default %(default)s: step 37 of 50)")
-    parser.add_argument("--reverse-strength", type=float, default=defaults.reverse_strength,
-                        help="reverse steps as a share of the steps (default %(default)s: 35 of 50, as published; "
-                             "0 = the same as --strength)")
+    parser.add_argument("--reverse-strength", type=float, default=None,
+                        help="reverse steps as a share of the steps, at most --strength (default: two steps of 50 "
+                             "below the noise step, as published: 35 for 37)")
     parser.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale,
                         help="classifier-free guidance of c against the empty prompt (default %(default)s)")
     parser.add_argument("--stage2-steps", type=int, default=defaults.stage2_steps,
@@ -709,6 +723,8 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=None, help="output side in pixels (default: the generator's)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
                         help="images per batch; the same size gives the same PNGs")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="make only the first N predicted images (a later, larger N adds the next ones)")
     parser.add_argument("--force", action="store_true",
                         help="delete the PNGs this folder's manifest lists and make every image again")
 
@@ -735,10 +751,10 @@ def add_refine_arguments(parser: argparse.ArgumentParser) -> None:
 def _options(args) -> MindDiffuserOptions:
     optimize = tuple(p.strip() for p in str(args.optimize).split(",") if p.strip())
     return MindDiffuserOptions(generator=args.generator, structural_clip=args.structural_clip, steps=args.steps,
-                               strength=args.strength, reverse_strength=args.reverse_strength or None,
+                               strength=args.strength, reverse_strength=args.reverse_strength,
                                guidance_scale=args.guidance_scale, stage2_steps=args.stage2_steps, lr=args.lr,
                                optimize=optimize, noise=args.noise, seed=args.seed, size=args.size,
-                               batch_size=args.batch_size)
+                               batch_size=args.batch_size, limit=args.limit)
 
 
 def _summary(result: GeneratedImages) -> str:

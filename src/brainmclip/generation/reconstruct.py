@@ -533,5 +533,6 @@ def load_reconstructions(path) -> GeneratedImages:
     root = Path(path)
     manifest = read_manifest(root, RECON_FORMAT, "a reconstruction folder", "reconstruct")
     pred = load_predictions(resolve_path(manifest["settings"]["predictions"], root))
-    ids = np.asarray(pred.stimulus_ids)
+    # A run limited to its first N predictions (a costly method on part of the test set) holds only those.
+    ids = np.asarray(pred.stimulus_ids)[:manifest["settings"].get("limit")]
     return GeneratedImages(root, ids, [root / png_name(i) for i in ids], manifest)

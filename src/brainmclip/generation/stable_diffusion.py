@@ -6,6 +6,7 @@ MindDiffuser reconstructs with Stable Diffusion v1.4 and BrainCLIP samples with 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -50,9 +51,17 @@ def load_stable_diffusion(path_or_id: str | os.PathLike = DEFAULT_SD, device="cp
     if missing or not (root / "model_index.json").is_file():
         raise MissingInputError(f"{root}: not a Stable Diffusion folder (missing "
                                 f"{', '.join(missing) or 'model_index.json'}; need {', '.join(SD_COMPONENTS)})")
+    # The pipeline rewrites a scheduler's steps_offset to 1 with a deprecation warning on every load (mini-SD's
+    # configuration says 0); setting it beforehand gives the same scheduler without the noise in the logs.
+    import diffusers
+
+    scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    scheduler_class = getattr(diffusers, scheduler_config["_class_name"])
+    extra = {"steps_offset": 1} if scheduler_config.get("steps_offset", 1) != 1 else {}
+    scheduler = scheduler_class.from_pretrained(root / "scheduler", **extra)
     pipe = StableDiffusionPipeline.from_pretrained(root, local_files_only=True, torch_dtype=dtype,
                                                    safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False)
+                                                   requires_safety_checker=False, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

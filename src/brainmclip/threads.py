@@ -1,0 +1,66 @@
+"""How many CPU threads brainmclip computes with, and how idle OpenMP threads wait.
+
+torch's CPU kernels run on an OpenMP pool (GNU libgomp in the Linux wheels) and MKL. After each
+parallel region libgomp's threads spin for a while before they sleep (``GOMP_SPINCOUNT``, 300,000
+iterations by default). On a machine whose cores are busy with other work, spinning threads steal the
+time slices the working threads need, and every barrier waits for a thread that is not running: on two
+cores with one other busy process, a small CLIP forward pass fell from 229 to 10 images/s. Not spinning
+at all (``OMP_WAIT_POLICY=PASSIVE``) avoids that but makes a sequence of small kernels (sampling at
+batch 1) pay a wake-up per kernel, 2.6x slower on an idle machine. A short spin is the compromise that
+``bench/thread_policy.py`` measures against both.
+
+:func:`apply_thread_policy` runs once when the command line starts, before torch is imported (libgomp
+reads its environment when it is loaded):
+
+* the spin count is :data:`SPIN_COUNT` unless the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``;
+* the thread count is ``--threads`` if given, else ``OMP_NUM_THREADS`` if set, else the CPUs this
+  process may run on (its affinity mask, which containers and ``taskset`` restrict), and it is given
+  to torch, MKL and OpenBLAS alike.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+__all__ = ["SPIN_COUNT", "apply_thread_policy", "available_cpus"]
+
+# Iterations an idle OpenMP thread spins before it sleeps (libgomp's default is 300,000).
+SPIN_COUNT = 10_000
+
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (the affinity mask where the system has one, else the CPU count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def apply_thread_policy(threads: int | None = None) -> dict:
+    """Set the thread count and the OpenMP wait policy for this process; returns what was decided.
+
+    ``threads``: an explicit count (``--threads``); None keeps ``OMP_NUM_THREADS`` when the user set
+    it, else uses every available CPU. Call before torch is imported for the wait policy to apply;
+    the thread count is also set on an already-imported torch.
+    """
+    from brainmclip.errors import InvalidInputError
+
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise InvalidInputError(f"--threads {threads!r}; expected a positive number of threads")
+    user_policy = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
+    if not user_policy:
+        os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
+    if threads is None:
+        text = os.environ.get("OMP_NUM_THREADS", "")
+        threads = int(text) if text.isdigit() and int(text) > 0 else available_cpus()
+    for name in _THREAD_VARIABLES:
+        os.environ[name] = str(threads)
+    if "torch" in sys.modules:  # imported before us: the wait policy is fixed, the count is not
+        sys.modules["torch"].set_num_threads(threads)
+    return {"threads": threads,
+            "wait": (f"user: OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '-')}, "
+                     f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '-')}") if user_policy
+            else f"GOMP_SPINCOUNT={SPIN_COUNT}"}
