@@ -14,7 +14,7 @@ import torch
 
 from brainmclip.errors import InvalidInputError, MissingInputError
 from brainmclip.models.ridge import RidgeDecoder
-from brainmclip.models.voxel_ridge import VoxelSelectedRidge, _spd_solve, select_voxels
+from brainmclip.models.voxel_ridge import VoxelSelectedRidge, _gram, _spd_solve, select_voxels
 
 ALPHAS = np.logspace(-1, 4, 6)
 
@@ -257,3 +257,12 @@ def test_all_voxels_shortcut_equals_the_per_target_reference(mode):
     assert model.form_ == "shared"
     _, _, _, pred = _reference(X, Y, X_test, 14, ALPHAS, 5, mode)
     assert _rel(model.predict(X_test), pred) < 1e-4
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+def test_blocked_gram_equals_numpy(depth):
+    rng = np.random.default_rng(depth)
+    A = rng.standard_normal((3, 131, 40))  # odd size: unequal halves at every level
+    got = _gram(torch.from_numpy(A)[:, :, 5:35], depth).numpy()  # a strided view, as the folds pass it
+    want = np.einsum("bin,bjn->bij", A[:, :, 5:35], A[:, :, 5:35])
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)

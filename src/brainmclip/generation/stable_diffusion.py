@@ -59,7 +59,7 @@ def load_stable_diffusion(path_or_id: str | os.PathLike = DEFAULT_SD, device="cp
     scheduler_class = getattr(diffusers, scheduler_config["_class_name"])
     extra = {"steps_offset": 1} if scheduler_config.get("steps_offset", 1) != 1 else {}
     scheduler = scheduler_class.from_pretrained(root / "scheduler", **extra)
-    pipe = StableDiffusionPipeline.from_pretrained(root, local_files_only=True, torch_dtype=dtype,
+    pipe = StableDiffusionPipeline.from_pretrained(root, local_files_only=True, dtype=dtype,
                                                    safety_checker=None, feature_extractor=None,
                                                    requires_safety_checker=False, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
