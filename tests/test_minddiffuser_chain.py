@@ -62,6 +62,12 @@ def test_minddiffuser_chain(tiny_nsd, tmp_path):
     html = (tmp_path / "report" / "index.html").read_text()
     assert "MindDiffuser (Stage 1 only) + MindDiffuser" in html and "first 4 of the test images" in html
 
+    # --common-images scores every row on the images all of them hold
+    _ok("evaluate", "--recon", stage1, stage2, "--clip", "mini", "--allow-random-metric-nets", "--bootstrap", "20",
+        "--common-images", "--out", tmp_path / "eval_common")
+    common = json.loads((tmp_path / "eval_common" / "metrics.json").read_text())
+    assert [r["n_images"] for r in common["runs"]] == [4, 4]
+
     # Two folders of one method and subject cannot both be rows: one line, exit 1, nothing written.
     assert main(["-q", "evaluate", "--recon", str(stage2), str(stage2), "--clip", "mini", "--allow-random-metric-nets",
                  "--out", str(tmp_path / "eval2")]) == 1

@@ -357,6 +357,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--allow-random-metric-nets", action="store_true",
                    help="use random networks where weights are absent; those columns are marked uncalibrated")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("--common-images", action="store_true",
+                   help="score every folder only on the images all folders of its subject hold (e.g. beside a method "
+                        "made with --limit on part of the test set)")
     p.set_defaults(func=_run_evaluate)
 
 
@@ -376,7 +379,7 @@ def _run_evaluate(args) -> int:
     protocol = MetricProtocol(name=args.protocol, ssim=args.ssim)
     report = evaluate_reconstructions(args.recon, args.out, protocol=protocol, clip_model=args.clip,
                                       weights_dir=args.weights_dir, allow_random=args.allow_random_metric_nets,
-                                      n_boot=args.bootstrap)
+                                      n_boot=args.bootstrap, common_images=args.common_images)
     print((args.out / "metrics.md").read_text())
     print(f"wrote {args.out}/metrics.json, metrics.csv, metrics.md ({report['seconds']:.1f} s)")
     return 0

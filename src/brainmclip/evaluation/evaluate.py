@@ -108,13 +108,15 @@ def _retrieval(pred_dir: Path, features: Path | None, seed: int) -> dict:
 def evaluate_reconstructions(recon_dirs, out, protocol=None, clip_model: str = "openai/clip-vit-large-patch14",
                              weights_dir=None, allow_random: bool = False, n_boot: int = 1000, seed: int = 0,
                              batch_size: int = 32, networks=None, truth_cache: dict | None = None,
-                             metrics=None) -> dict:
+                             metrics=None, common_images: bool = False) -> dict:
     """Evaluate reconstruction folders; write metrics.json, metrics.csv, metrics.md and per_image.npz to ``out``.
 
     ``networks`` (from :func:`~brainmclip.evaluation.image_metrics.load_metric_networks`) and
     ``truth_cache`` (a dict this call fills) let a caller that evaluates many folders against the
     same test images load the metric networks and embed the true images once. ``metrics``: a
     subset of the eight to compute (default all); the others are absent from the results.
+    ``common_images``: score every folder only on the images that all folders of its subject hold (a method made
+    on part of the test set then compares with the others on the same images); otherwise each on all of its own.
     Returns what ``metrics.json`` holds, with ``runs`` as :class:`~brainmclip.types.RunEvaluation`.
     Paths in ``metrics.json`` are relative to ``out``, so the folders can move together.
     """
@@ -129,8 +131,13 @@ def evaluate_reconstructions(recon_dirs, out, protocol=None, clip_model: str = "
     folders: dict[str, object] = {}
     truth_cache = {} if truth_cache is None else truth_cache
     checker = None
-    for recon_dir in recon_dirs:
-        recon = load_reconstructions(recon_dir)
+    recons_in = [(recon_dir, load_reconstructions(recon_dir)) for recon_dir in recon_dirs]
+    shared: dict[int, set] = {}
+    for _, recon in recons_in:
+        subject = int(_run_info(recon)[0].get("subject", 0))
+        ids = set(np.asarray(recon.stimulus_ids).tolist())
+        shared[subject] = shared[subject] & ids if subject in shared else ids
+    for recon_dir, recon in recons_in:
         pred_manifest, run, pred_dir, run_dir = _run_info(recon)
         subject = int(pred_manifest.get("subject", 0))
         # The reconstruction names its method where it differs from the predictions' (Stage 1 alone, a refinement).
@@ -139,14 +146,21 @@ def evaluate_reconstructions(recon_dirs, out, protocol=None, clip_model: str = "
         if key in folders:
             raise InvalidInputError(f"{folders[key]} and {recon_dir} both hold {method} reconstructions of subject "
                                     f"{subject}; expected one folder per method and subject (evaluate them separately)")
-        folders[key], ids_all[key] = recon_dir, np.asarray(recon.stimulus_ids)
+        folders[key] = recon_dir
         data = resolve_path(run["data"], run_dir) if run.get("data") else None
         if not run or data is None or not (data / "manifest.json").exists():
             raise MissingInputError(f"{recon_dir}: cannot find the run and prepared dataset behind these "
                                     f"reconstructions (predictions at {pred_dir})")
         features = resolve_path(run["features"], run_dir) if run.get("features") else None
-        ids = recon.stimulus_ids
-        recons = np.stack([recon.load(i) for i in range(len(recon))])
+        rows = range(len(recon))
+        if common_images:
+            rows = [r for r, i in enumerate(recon.stimulus_ids) if int(i) in shared[subject]]
+            if not rows:
+                raise InvalidInputError(f"{recon_dir}: no image that every subject-{subject} folder holds; expected "
+                                        "folders of the same test images (or leave out --common-images)")
+        ids = np.asarray(recon.stimulus_ids)[list(rows)]
+        ids_all[key] = ids
+        recons = np.stack([recon.load(i) for i in rows])
         truths = _truth_images(data, ids)
         if networks is None:  # loaded once, after the inputs are known to be there
             networks = load_metric_networks(metrics or METRICS, clip_model, weights_dir, allow_random)
