@@ -122,23 +122,23 @@ def main(argv=None) -> dict:
     print(f"evaluate_images: {t_ours:.2f} s  ({1e3 * t_ours / args.images:.1f} ms per pair)", flush=True)
     summary = {"images": args.images, "size": args.size, "clip": clip_model, "device": args.device,
                "batch_size": args.batch_size, "protocol": protocol.as_dict(), "seconds_batched": t_ours,
-               "metrics": {m: ours[m] for m in METRICS}, "uncalibrated": ours["uncalibrated"]}
+               "metrics": dict(ours.values), "uncalibrated": list(ours.uncalibrated)}
     if not args.skip_reference:
         t = time.perf_counter()
         ref = reference(recons, truths, networks, protocol)
         t_ref = time.perf_counter() - t
-        diffs = {m: max(abs(float(ref[m].mean()) - ours[m]), float(np.abs(ref[m] - ours["per_image"][m]).max()))
+        diffs = {m: max(abs(float(ref[m].mean()) - ours.values[m]), float(np.abs(ref[m] - ours.per_image[m]).max()))
                  for m in METRICS}
         ok = all(d <= 1e-4 for d in diffs.values())
         summary.update(seconds_reference=t_ref, speedup=t_ref / t_ours, max_abs_diff=diffs, agree_1e4=ok)
         print(f"reference (per image, loops): {t_ref:.2f} s  -> ratio reference / batched = {t_ref / t_ours:.1f}x")
         print(f"{'metric':<12}{'batched':>12}{'reference':>12}{'max |diff|':>12}")
         for m in METRICS:
-            print(f"{m:<12}{ours[m]:>12.6f}{ref[m].mean():>12.6f}{diffs[m]:>12.2e}")
+            print(f"{m:<12}{ours.values[m]:>12.6f}{ref[m].mean():>12.6f}{diffs[m]:>12.2e}")
         print("agree to 1e-4:", ok)
     else:
         for m in METRICS:
-            print(f"{m:<12}{ours[m]:>12.6f}")
+            print(f"{m:<12}{ours.values[m]:>12.6f}")
     save_json(summary, args.json)
     return summary
 
