@@ -13,8 +13,8 @@ Workloads (``--threads`` torch threads each):
   ridge     RidgeDecoder.fit, 1,600 x 1,600 voxels -> 2,000 targets, 4 alphas x 3 folds (one eigh)
   train     one BrainMCLIP-shaped step: a 15,724 -> 2,048 -> 2,048 MLP, batch 32, backward and AdamW
   sample    mini-SD UNet at batch 1, 20 guided steps (many small kernels: where not spinning hurts)
-Policies: default (libgomp: spin 300,000), passive (OMP_WAIT_POLICY=PASSIVE), spin=N (GOMP_SPINCOUNT=N),
-and brainmclip's (what ``apply_thread_policy`` sets).
+Policies: default (libgomp: spin 300,000), passive (OMP_WAIT_POLICY=PASSIVE), spin=10000 (GOMP_SPINCOUNT),
+and brainmclip's (what ``apply_thread_policy`` sets: spin 1,000).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def _workload(name: str) -> float:
 def _policies() -> dict[str, dict]:
     from brainmclip.threads import SPIN_COUNT
 
-    return {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "spin=1000": {"GOMP_SPINCOUNT": "1000"},
+    return {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "spin=10000": {"GOMP_SPINCOUNT": "10000"},
             f"brainmclip (spin={SPIN_COUNT})": "apply"}
 
 

@@ -6,8 +6,10 @@ iterations by default). On a machine whose cores are busy with other work, spinn
 time slices the working threads need, and every barrier waits for a thread that is not running: on two
 cores with one other busy process, a small CLIP forward pass fell from 229 to 10 images/s. Not spinning
 at all (``OMP_WAIT_POLICY=PASSIVE``) avoids that but makes a sequence of small kernels (sampling at
-batch 1) pay a wake-up per kernel, 2.6x slower on an idle machine. A short spin is the compromise that
-``bench/thread_policy.py`` measures against both.
+batch 1) pay a wake-up per kernel, 2.3-2.5x slower on an idle machine. A short spin (1,000 iterations) is the
+compromise: ``bench/thread_policy.py`` (2 cores, 2 threads) measured it against libgomp's default at 0.79-1.19x idle
+and 1.04-1.88x beside one busy process, where passive waiting gave 0.40-1.01x and 1.31-3.65x. (10,000 iterations
+was slower than the default beside a busy process, 0.52-0.77x: the measure, not a guess, chose the count.)
 
 :func:`apply_thread_policy` runs once when the command line starts, before torch is imported (libgomp
 reads its environment when it is loaded):
@@ -26,7 +28,7 @@ import sys
 __all__ = ["SPIN_COUNT", "apply_thread_policy", "available_cpus"]
 
 # Iterations an idle OpenMP thread spins before it sleeps (libgomp's default is 300,000).
-SPIN_COUNT = 10_000
+SPIN_COUNT = 1_000
 
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
