@@ -12,6 +12,11 @@ mode (``alpha_per="target"``, explicit validation predictions) is timed too. Rep
 the ratio sklearn / ours, whether both chose the same alpha, how far their test predictions
 differ, and the process's peak resident memory after each stage (cumulative: a stage that
 needs less than an earlier one leaves it unchanged).
+
+When himalaya is installed (an optional benchmark dependency: ``pip install himalaya``), its RidgeCV (SVD solver)
+and KernelRidgeCV (eigenvalue solver), torch backend, run the same folds and alphas in both alpha modes
+(``local_alpha`` False and True), and the ratio himalaya's fastest / ours is reported per mode. himalaya scores
+folds by R^2, not squared error, so its alphas may differ; its predictions' distance from ours is printed.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import os
 import resource
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -55,6 +61,25 @@ def _sklearn_cv_refit(X, Y, alphas, n_folds):
             sse[a] += float(((Y[val] - pred) ** 2).sum(dtype=np.float64))
     best = float(alphas[int(np.argmin(sse))])
     return Ridge(alpha=best).fit(X, Y), best
+
+
+def _himalaya(X, Y, X_test, alphas, n_folds, local_alpha: bool) -> dict:
+    """Seconds and test predictions of himalaya's two CV solvers, torch backend, on our folds and alphas."""
+    from himalaya.backend import set_backend
+    from himalaya.kernel_ridge import KernelRidgeCV
+    from himalaya.ridge import RidgeCV
+
+    backend = set_backend("torch", on_error="raise")
+    warnings.filterwarnings("ignore", message="Solving ridge is slower than solving kernel ridge")
+    folds = kfold_indices(len(X), n_folds)
+    params = {"local_alpha": local_alpha}
+    out = {}
+    for name, make in (("RidgeCV", lambda: RidgeCV(alphas=alphas, cv=folds, fit_intercept=True, solver_params=params)),
+                       ("KernelRidgeCV", lambda: KernelRidgeCV(alphas=alphas, cv=folds, fit_intercept=True,
+                                                               solver_params=params))):
+        seconds, model = _timed(lambda make=make: make().fit(X, Y))
+        out[name] = (seconds, np.asarray(backend.to_numpy(model.predict(X_test))))
+    return out
 
 
 def _timed(fn):
@@ -116,6 +141,26 @@ def main(argv=None) -> dict:
     results.update(sklearn_s=round(t_sk, 2), sklearn_alpha=sk_alpha, peak_rss_mb_sklearn=round(_peak_rss_mb(), 1))
     print(f"sklearn Ridge loop:          {t_sk:8.2f} s   alpha {sk_alpha:.4g}   "
           f"peak RSS {results['peak_rss_mb_sklearn']:.0f} MB", flush=True)
+
+    try:
+        import himalaya  # noqa: F401
+    except ImportError:
+        print("himalaya not installed: no comparison with it (pip install himalaya)")
+    else:
+        modes = [("block", False, ours)] + ([("target", True, per_target)] if not args.skip_target_mode else [])
+        _himalaya(X[:m], Y[:m, :256], X_test, alphas[:2], 2, False)  # warm-up, as for the others
+        for mode, local, model in modes:
+            timings = _himalaya(X, Y, X_test, alphas, args.folds, local)
+            ours_s = t_ours if mode == "block" else results["ours_target_s"]
+            ours_pred = model.predict(X_test)
+            for name, (seconds, pred) in timings.items():
+                diff = float(np.abs(pred - ours_pred).max() / np.abs(ours_pred).max())
+                results[f"himalaya_{name}_{mode}_s"] = round(seconds, 2)
+                results[f"himalaya_{name}_{mode}_rel_pred_diff"] = diff
+                print(f"himalaya {name} ({mode} alpha): {seconds:8.2f} s   max rel. prediction diff vs ours {diff:.1e}")
+            best = min(seconds for seconds, _ in timings.values())
+            results[f"speed_vs_himalaya_best_{mode}"] = round(best / ours_s, 2)
+            print(f"himalaya's fastest / ours ({mode} alpha): {best / ours_s:.2f}x", flush=True)
 
     pred, ref_pred = ours.predict(X_test), ref.predict(X_test)
     rel = float(np.abs(pred - ref_pred).max() / np.abs(ref_pred).max())

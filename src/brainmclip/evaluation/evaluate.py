@@ -131,14 +131,11 @@ def evaluate_reconstructions(recon_dirs, out, protocol=None, clip_model: str = "
     folders: dict[str, object] = {}
     truth_cache = {} if truth_cache is None else truth_cache
     checker = None
-    recons_in = [(recon_dir, load_reconstructions(recon_dir)) for recon_dir in recon_dirs]
+    recons_in = []
     shared: dict[int, set] = {}
-    for _, recon in recons_in:
-        subject = int(_run_info(recon)[0].get("subject", 0))
-        ids = set(np.asarray(recon.stimulus_ids).tolist())
-        shared[subject] = shared[subject] & ids if subject in shared else ids
-    for recon_dir, recon in recons_in:
-        pred_manifest, run, pred_dir, run_dir = _run_info(recon)
+    for recon_dir in recon_dirs:  # every folder checked before any is scored
+        recon = load_reconstructions(recon_dir)
+        pred_manifest = _run_info(recon)[0]
         subject = int(pred_manifest.get("subject", 0))
         # The reconstruction names its method where it differs from the predictions' (Stage 1 alone, a refinement).
         method = str(recon.manifest["settings"].get("method") or pred_manifest.get("method", "unknown"))
@@ -147,6 +144,11 @@ def evaluate_reconstructions(recon_dirs, out, protocol=None, clip_model: str = "
             raise InvalidInputError(f"{folders[key]} and {recon_dir} both hold {method} reconstructions of subject "
                                     f"{subject}; expected one folder per method and subject (evaluate them separately)")
         folders[key] = recon_dir
+        ids = set(np.asarray(recon.stimulus_ids).tolist())
+        shared[subject] = shared[subject] & ids if subject in shared else ids
+        recons_in.append((recon_dir, recon, subject, method, key))
+    for recon_dir, recon, subject, method, key in recons_in:
+        pred_manifest, run, pred_dir, run_dir = _run_info(recon)
         data = resolve_path(run["data"], run_dir) if run.get("data") else None
         if not run or data is None or not (data / "manifest.json").exists():
             raise MissingInputError(f"{recon_dir}: cannot find the run and prepared dataset behind these "
