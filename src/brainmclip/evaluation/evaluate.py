@@ -135,7 +135,8 @@ def evaluate_reconstructions(recon_dirs, out, protocol=None, clip_model: str = "
     shared: dict[int, set] = {}
     for recon_dir in recon_dirs:  # every folder checked before any is scored
         recon = load_reconstructions(recon_dir)
-        pred_manifest = _run_info(recon)[0]
+        info = _run_info(recon)
+        pred_manifest = info[0]
         subject = int(pred_manifest.get("subject", 0))
         # The reconstruction names its method where it differs from the predictions' (Stage 1 alone, a refinement).
         method = str(recon.manifest["settings"].get("method") or pred_manifest.get("method", "unknown"))
@@ -146,9 +147,8 @@ def evaluate_reconstructions(recon_dirs, out, protocol=None, clip_model: str = "
         folders[key] = recon_dir
         ids = set(np.asarray(recon.stimulus_ids).tolist())
         shared[subject] = shared[subject] & ids if subject in shared else ids
-        recons_in.append((recon_dir, recon, subject, method, key))
-    for recon_dir, recon, subject, method, key in recons_in:
-        pred_manifest, run, pred_dir, run_dir = _run_info(recon)
+        recons_in.append((recon_dir, recon, info, subject, method, key))
+    for recon_dir, recon, (_, run, pred_dir, run_dir), subject, method, key in recons_in:
         data = resolve_path(run["data"], run_dir) if run.get("data") else None
         if not run or data is None or not (data / "manifest.json").exists():
             raise MissingInputError(f"{recon_dir}: cannot find the run and prepared dataset behind these "
