@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from _results import report
+from _results import busy_process, report
 
 WORKLOADS = ("extract", "ridge", "train", "sample")
 
@@ -113,10 +113,6 @@ def _child(workload: str, policy, threads: int) -> float:
     return float(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def _busy() -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -127,9 +123,7 @@ def main(argv=None) -> int:
     policies = _policies()
     results: dict = {"threads": args.threads, "cpus": os.cpu_count(), "rounds": args.rounds}
     for condition in ("idle", "one busy process"):
-        busy = _busy() if condition != "idle" else None
-        try:
-            time.sleep(1.0 if busy else 0)
+        with busy_process(condition != "idle"):
             results[f"{condition}: load average before"] = [round(v, 2) for v in os.getloadavg()]
             for workload in args.workloads.split(","):
                 times: dict[str, list[float]] = {p: [] for p in policies}
@@ -143,10 +137,6 @@ def main(argv=None) -> int:
                     if name != "default":
                         results[f"{condition}: {workload} {name} speed vs default"] = round(base / med, 2)
             results[f"{condition}: load average after"] = [round(v, 2) for v in os.getloadavg()]
-        finally:
-            if busy is not None:
-                busy.kill()
-                busy.wait()
     report(results, args.json)
     return 0
 

@@ -161,7 +161,69 @@ def test_per_target_alpha_matches_brute_force():
     np.testing.assert_allclose(model.predict(X_new), expected, atol=1e-8)
 
 
+@pytest.mark.parametrize("form", ["hat", "factor"])
+@pytest.mark.parametrize(("n", "p"), [(60, 90), (90, 30)])
+def test_both_prediction_forms_match_brute_force(monkeypatch, form, n, p):
+    import brainmclip.models.ridge as ridge
+
+    monkeypatch.setattr(ridge, "_prediction_form", lambda *args: form)
+    X, Y = _problem(n=n, p=p, t=7, offset=2.0)
+    scores = ridge_cv_scores(X, Y, ALPHAS, n_folds=4, per_target=True, target_chunk=3, dtype=np.float64)
+    np.testing.assert_allclose(scores.target_mse, _brute_force_sse(X, Y, ALPHAS, 4) / n, rtol=1e-9)
+
+
+@pytest.mark.parametrize(("n", "p"), [(120, 200), (200, 60)])
+@pytest.mark.parametrize(("alphas", "rtol"), [(np.logspace(-4, 2, 7), 1e-4), (np.logspace(1, 4, 7), 2e-4)])
+def test_float32_per_target_cv_on_a_wide_spectrum(n, p, alphas, rtol):
+    """Voxels whose singular values span four decades, in float32. Alphas far below the largest
+    eigenvalue (1e-4 vs 1e4) need float64 fold decompositions (float32 ones were 26% off there);
+    larger alphas may use float32 ones."""
+    rng = np.random.default_rng(4)
+    basis_l, _ = np.linalg.qr(rng.normal(size=(n, min(n, p))))
+    basis_r, _ = np.linalg.qr(rng.normal(size=(p, min(n, p))))
+    X = (basis_l * np.logspace(0, -4, min(n, p))) @ basis_r.T * 100 + 5.0
+    Y = X @ rng.normal(size=(p, 6)) + 0.05 * rng.normal(size=(n, 6))
+    s32 = ridge_cv_scores(X, Y, alphas, n_folds=4, per_target=True, dtype=np.float32)
+    sse = _brute_force_sse(X.astype(np.float32).astype(np.float64), Y.astype(np.float32), alphas, 4) / n
+    np.testing.assert_allclose(s32.target_mse, sse, rtol=rtol)
+    np.testing.assert_array_equal(np.argmin(s32.target_mse, 0), np.argmin(sse, 0))
+
+
+def test_prediction_form_follows_the_multiply_adds():
+    from brainmclip.models.ridge import _prediction_form
+
+    # fMRI shape (fewer samples than voxels, k = n_train): the hat form saves the U^T Y product.
+    assert _prediction_form(8, 1772, 7087, 7087, 20000) == "hat"
+    # Many more samples than features (k << n_train): the factor form is cheaper.
+    assert _prediction_form(8, 1600, 6400, 500, 20000) == "factor"
+    # Few targets: forming the n_val x n_train smoother rows does not pay.
+    assert _prediction_form(8, 400, 1600, 1600, 10) == "factor"
+
+
 # ----------------------------------------------------------------------------- estimator
+
+
+@pytest.mark.parametrize("alpha_per", ["block", "target"])
+def test_shared_design_gives_the_same_fits(alpha_per):
+    X, Y = _problem(n=80, p=50, t=9, offset=1.0)
+    kwargs = dict(alphas=ALPHAS, n_folds=4, alpha_per=alpha_per, dtype=np.float64)
+    design = RidgeDecoder(**kwargs).design_for(X)
+    for Yk in (Y[:, :4], Y[:, 4:]):  # two targets on one design: the second reuses the cached folds
+        alone = RidgeDecoder(**kwargs).fit(X, Yk)
+        shared = RidgeDecoder(**kwargs).fit(X, Yk, design=design)
+        np.testing.assert_array_equal(shared.alpha_, alone.alpha_)
+        np.testing.assert_allclose(shared.cv_scores_, alone.cv_scores_, rtol=1e-12)
+        np.testing.assert_allclose(shared.predict(X[:5]), alone.predict(X[:5]), rtol=1e-12, atol=1e-12)
+    assert len(design._folds) == 1  # one set of fold factors served both targets
+
+
+def test_shared_design_refuses_other_settings_or_data():
+    X, Y = _problem(n=40, p=20, t=3)
+    design = RidgeDecoder(alphas=ALPHAS, dtype=np.float64).design_for(X)
+    with pytest.raises(ValueError, match="cannot serve a decoder"):
+        RidgeDecoder(alphas=ALPHAS, dtype=np.float32).fit(X, Y, design=design)
+    with pytest.raises(ValueError, match="not the matrix this RidgeDesign was made from"):
+        RidgeDecoder(alphas=ALPHAS, dtype=np.float64).fit(X + 1, Y, design=design)
 
 
 def test_refit_predict_score_match_sklearn():

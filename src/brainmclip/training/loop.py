@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from brainmclip import __version__
 from brainmclip.atomic import atomic_path, crash_point, output_lock, write_json_atomic
 from brainmclip.config import check_choice, check_float, check_int, check_keys, check_sections, load_config
+from brainmclip.cpu_memory import keep_freed_memory
 from brainmclip.data.prepared import load_prepared
 from brainmclip.errors import InvalidInputError, MissingInputError, OutputInTheWayError
 from brainmclip.evaluation.retrieval import pairwise_identification, similarity_matrix, top1_n_way
@@ -35,7 +36,6 @@ from brainmclip.models.brain_mclip import BrainMCLIP, BrainMCLIPConfig, image_ta
 from brainmclip.paths import record_path
 from brainmclip.training.balance import gradient_norms
 from brainmclip.training.checkpoint import identity_of, load_checkpoint, load_safetensors, same_identities, save_checkpoint
-from brainmclip.training.cpu_memory import keep_freed_memory
 from brainmclip.training.data import PairedSplit
 from brainmclip.training.run_folder import CHECKPOINT_FILE, RUN_FILE, clear_run_folder, differing_keys, read_run_record
 from brainmclip.training.schedule import SCHEDULES, make_schedule

@@ -115,9 +115,12 @@ def _fit(cfg, prepared, store, train: PairedSplit, data, features, out: Path, st
     X = _inputs(train, rows, cfg["data"]["voxels"])
     out.mkdir(parents=True, exist_ok=True)
     alphas, params, extra = {}, {}, {}
+    design = None  # the voxel matrix's decompositions, made once for all targets
     for target, Y in _targets(cfg, store, prepared, train.stimulus_ids[rows]):
         decoder = RidgeDecoder(alphas=cfg["ridge"]["alphas"], n_folds=cfg["ridge"]["n_folds"],
-                               alpha_per=cfg["ridge"]["alpha_per"]).fit(X, Y)
+                               alpha_per=cfg["ridge"]["alpha_per"])
+        design = design or decoder.design_for(X)
+        decoder.fit(X, Y, design=design)
         decoder.save(out / f"ridge_{target}.npz")
         alphas[target] = float(np.median(np.atleast_1d(decoder.alpha_)))
         params[target] = int(X.shape[1] * np.prod(Y.shape[1:]))

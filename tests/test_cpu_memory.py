@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from brainmclip.training.cpu_memory import _glibc, keep_freed_memory
+from brainmclip.cpu_memory import _glibc, keep_freed_memory
 
 
 def _rss_bytes() -> int:
@@ -39,3 +39,19 @@ def test_freed_gradients_stay_resident_only_inside_the_block():
 def test_disabled_is_a_no_op():
     with keep_freed_memory(enabled=False) as kept:
         assert kept is False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or _glibc() is None, reason="glibc-specific setting")
+def test_nested_blocks_keep_memory_until_the_outermost_ends():
+    size = 256 * 2**20
+    with keep_freed_memory():
+        with keep_freed_memory() as inner:
+            assert inner is True
+            _rss_left_after_freeing(size)
+        after_inner = _rss_bytes()
+        # The inner block's end must not restore glibc's settings or trim: the freed pages are still ours.
+        kept_after_inner = _rss_left_after_freeing(size)
+        assert kept_after_inner > 0.9 * size
+        rss_at_exit = _rss_bytes()
+    assert rss_at_exit - _rss_bytes() > 0.9 * size
+    assert after_inner > 0
