@@ -1,6 +1,6 @@
 """Benchmark: batched ``evaluate_images`` against a straightforward per-image reference, in the same run.
 
-    python bench/evaluate_metrics.py [--images 982] [--size 425] [--clip tiny|full] [--batch-size 32]
+    python bench/evaluate_metrics.py [--images 982] [--size 425] [--clip tiny|full] [--batch-size N]
                                      [--device cpu] [--protocol mindeye1] [--ssim gaussian] [--weights-dir DIR]
 
 Simulated data: ``--images`` smooth random ground truths (upsampled low-resolution noise plus a
@@ -98,7 +98,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--images", type=int, default=982)
     parser.add_argument("--size", type=int, default=425)
     parser.add_argument("--clip", choices=["tiny", "full"], default="tiny")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=None, help="images per forward (default: 4 on CPU, 32 on GPU)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--protocol", default="mindeye1")
     parser.add_argument("--ssim", default="gaussian")

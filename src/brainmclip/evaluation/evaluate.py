@@ -107,7 +107,7 @@ def _retrieval(pred_dir: Path, features: Path | None, seed: int) -> dict:
 @locks_output()
 def evaluate_reconstructions(recon_dirs, out, protocol=None, clip_model: str = "openai/clip-vit-large-patch14",
                              weights_dir=None, allow_random: bool = False, n_boot: int = 1000, seed: int = 0,
-                             batch_size: int = 32, networks=None, truth_cache: dict | None = None,
+                             batch_size: int | None = None, networks=None, truth_cache: dict | None = None,
                              metrics=None, common_images: bool = False) -> dict:
     """Evaluate reconstruction folders; write metrics.json, metrics.csv, metrics.md and per_image.npz to ``out``.
 
