@@ -14,7 +14,8 @@ Workloads (``--threads`` torch threads each):
   train     one BrainMCLIP-shaped step: a 15,724 -> 2,048 -> 2,048 MLP, batch 32, backward and AdamW
   sample    mini-SD UNet at batch 1, 20 guided steps (many small kernels: where not spinning hurts)
 Policies: default (libgomp: spin 300,000), passive (OMP_WAIT_POLICY=PASSIVE), spin=10000 (GOMP_SPINCOUNT),
-and brainmclip's (what ``apply_thread_policy`` sets: spin 1,000).
+brainmclip's spin (what ``apply_thread_policy`` sets: spin 1,000) with ``--threads`` threads, and brainmclip's
+default (spin 1,000 and the thread count ``apply_thread_policy`` picks: the CPUs other processes leave idle).
 """
 
 from __future__ import annotations
@@ -97,17 +98,20 @@ def _policies() -> dict[str, dict]:
     from brainmclip.threads import SPIN_COUNT
 
     return {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "spin=10000": {"GOMP_SPINCOUNT": "10000"},
-            f"brainmclip (spin={SPIN_COUNT})": "apply"}
+            f"brainmclip (spin={SPIN_COUNT})": "apply", "brainmclip (spin, default threads)": "apply-default"}
 
 
 def _child(workload: str, policy, threads: int) -> float:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads)})
+    applied = {"apply": f"apply_thread_policy({threads}); ", "apply-default": "apply_thread_policy(); "}.get(policy)
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-            + ("from brainmclip.threads import apply_thread_policy; "
-               f"apply_thread_policy({threads}); " if policy == "apply" else "")
+            + ("from brainmclip.threads import apply_thread_policy; " + applied if applied else "")
             + f"import thread_policy as b, json; print(json.dumps(b._workload({workload!r})))")
-    if policy != "apply":
+    if policy == "apply-default":  # the thread count is the policy's own choice, not --threads
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env.pop(name)
+    elif policy != "apply":
         env.update(policy)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return float(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
+from brainmclip import threads as thread_policy
 from brainmclip.errors import InvalidInputError
-from brainmclip.threads import SPIN_COUNT, apply_thread_policy, available_cpus
+from brainmclip.threads import SPIN_COUNT, apply_thread_policy, available_cpus, busy_cpus
 
 
 @pytest.fixture
@@ -22,11 +23,33 @@ def clean_env(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def test_defaults_spin_briefly_and_use_every_available_cpu(clean_env):
+def test_defaults_spin_briefly_and_use_every_idle_cpu(clean_env):
+    clean_env.setattr(thread_policy, "busy_cpus", lambda window=0.1: 0.2)
     policy = apply_thread_policy()
     assert os.environ["GOMP_SPINCOUNT"] == str(SPIN_COUNT) and policy["threads"] == available_cpus()
     assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == str(available_cpus())
     assert torch.get_num_threads() == available_cpus()  # torch was imported first: its count follows
+
+
+@pytest.mark.parametrize(("busy", "expected"), [(0.9, lambda n: max(1, n - 1)), (50.0, lambda n: 1)])
+def test_default_leaves_the_cpus_other_processes_hold(clean_env, busy, expected):
+    clean_env.setattr(thread_policy, "busy_cpus", lambda window=0.1: busy)
+    assert apply_thread_policy()["threads"] == expected(available_cpus())
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat") or not hasattr(os, "sched_getaffinity"), reason="Linux only")
+def test_busy_cpus_sees_a_spinning_process():
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)  # let it start spinning
+        busy = busy_cpus(window=0.3)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    # The spinner holds one CPU (other work on the machine can only add to it).
+    assert 0.7 <= busy <= available_cpus() + 0.05
 
 
 def test_the_users_settings_win(clean_env):
