@@ -173,8 +173,9 @@ def test_both_prediction_forms_match_brute_force(monkeypatch, form, n, p):
 
 
 @pytest.mark.parametrize(("n", "p"), [(120, 200), (200, 60)])
-@pytest.mark.parametrize(("alphas", "rtol"), [(np.logspace(-4, 2, 7), 1e-4), (np.logspace(1, 4, 7), 2e-4)])
-def test_float32_per_target_cv_on_a_wide_spectrum(n, p, alphas, rtol):
+@pytest.mark.parametrize(("alphas", "rtol", "gram_rtol"),
+                         [(np.logspace(-4, 2, 7), 1e-4, 2e-3), (np.logspace(1, 4, 7), 2e-4, 2e-4)])
+def test_float32_per_target_cv_on_a_wide_spectrum(n, p, alphas, rtol, gram_rtol):
     """Voxels whose singular values span four decades, in float32. Alphas far below the largest
     eigenvalue (1e-4 vs 1e4) need float64 fold decompositions (float32 ones were 26% off there);
     larger alphas may use float32 ones."""
@@ -187,6 +188,9 @@ def test_float32_per_target_cv_on_a_wide_spectrum(n, p, alphas, rtol):
     sse = _brute_force_sse(X.astype(np.float32).astype(np.float64), Y.astype(np.float32), alphas, 4) / n
     np.testing.assert_allclose(s32.target_mse, sse, rtol=rtol)
     np.testing.assert_array_equal(np.argmin(s32.target_mse, 0), np.argmin(sse, 0))
+    gram32 = ridge_cv_scores(X, Y, alphas, n_folds=4, method="gram", dtype=np.float32)  # the shared-alpha CV
+    # (float32 factors feed the shared-alpha CV's float64 algebra: up to 1e-3 off at the smallest alphas)
+    np.testing.assert_allclose(gram32.mse, sse.mean(1), rtol=gram_rtol)
 
 
 def test_prediction_form_follows_the_multiply_adds():

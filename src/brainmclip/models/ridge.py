@@ -522,6 +522,21 @@ def _target_pass(Y2: np.ndarray, slices: list[slice], U: torch.Tensor | None, fi
     return y_mean, UtY, K
 
 
+def _fold_eigh_dtype(design: RidgeDesign, alphas: np.ndarray) -> torch.dtype:
+    """The precision of the CV folds' eigendecompositions.
+
+    The folds' factors only choose alpha, so they are decomposed in the working precision (float32
+    halves the time; the refit stays float64) when every alpha is at least 1e-4 of the largest
+    eigenvalue of X's Gram matrix. On voxels whose spectrum spans eight decades the float32
+    validation errors were then within 5e-4 of float64's (at 1e-3 of it: 5e-5), while at alpha ~1e-8
+    of it they were off by 26%; below the bound the folds are decomposed in float64.
+    """
+    if design.svd_solver != "eigh":
+        return torch.float64
+    lam_max = float(design.factors.s[0]) ** 2 if len(design.factors.s) else 0.0
+    return design.Xt.dtype if alphas.min() >= _LOW_PRECISION_EIGH_MIN_ALPHA * lam_max else torch.float64
+
+
 def _gram_cv_sse(design: RidgeDesign, K: torch.Tensor, alphas: np.ndarray, folds) -> np.ndarray:
     """Summed validation squared error per alpha, from the target Gram matrix alone.
 
@@ -532,11 +547,13 @@ def _gram_cv_sse(design: RidgeDesign, K: torch.Tensor, alphas: np.ndarray, folds
 
     where ``B B^T = U^T (Y_T Y_T^T) U`` and ``B Y_v^T = U^T (Y_T Y_v^T)``: only blocks of the
     n x n Gram matrix appear, so no fold or alpha touches the (wide) targets again. The small
-    algebra runs in float64 because the first two terms nearly cancel for good fits.
+    algebra runs in float64 because the first two terms nearly cancel for good fits. The formula
+    is exact for the predictor the fold's factors define, whatever their precision
+    (:func:`_fold_eigh_dtype`).
     """
     alphas_t = torch.as_tensor(alphas, dtype=torch.float64, device=K.device)
     sse = torch.zeros(len(alphas), dtype=torch.float64, device=K.device)
-    for tr, va, U, s, A in design.fold_factors(folds, torch.float64):
+    for tr, va, U, s, A in design.fold_factors(folds, _fold_eigh_dtype(design, alphas)):
         U, s, A = U.double(), s.double(), A.double()
         Ktt, Ktv, diag_v = _centred_blocks(K, tr, va, design.fit_intercept)
         tr_vv = diag_v.sum()
@@ -572,18 +589,12 @@ def _direct_cv_sse(design: RidgeDesign, Y2: np.ndarray, alphas: np.ndarray, fold
     more samples than features (k << n_T) the factor form is the cheaper one. Several alphas'
     rows go through one matrix product (larger products run closer to the peak rate).
 
-    The folds' factors only choose alpha, so their eigendecompositions run in the working
-    precision (float32 halves their time; the refit stays float64) when every alpha is at least
-    1e-4 of the largest eigenvalue of X's Gram matrix. On voxels whose spectrum spans eight decades
-    the float32 validation errors were then within 5e-4 of float64's (at 1e-3 of it: 5e-5), while at
-    alpha ~1e-8 of it they were off by 26%; below the bound the folds are decomposed in float64.
+    The folds are decomposed as :func:`_fold_eigh_dtype` says.
     """
     sse = np.zeros((len(alphas), Y2.shape[1]))
     n_alphas, t = len(alphas), Y2.shape[1]
     Xt, fit_intercept = design.Xt, design.fit_intercept
-    lam_max = float(design.factors.s[0]) ** 2 if len(design.factors.s) else 0.0
-    low_precision_ok = alphas.min() >= _LOW_PRECISION_EIGH_MIN_ALPHA * lam_max
-    eigh_dtype = Xt.dtype if design.svd_solver == "eigh" and low_precision_ok else torch.float64
+    eigh_dtype = _fold_eigh_dtype(design, alphas)
     for fold, (tr, va, U, s, A) in enumerate(design.fold_factors(folds, eigh_dtype)):
         F = shrinkage(s, alphas)  # (n_alphas, k)
         (n_t, k), n_v = U.shape, len(va)
