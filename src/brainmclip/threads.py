@@ -19,8 +19,8 @@ reads its environment when it is loaded):
   process may run on (its affinity mask, which containers and ``taskset`` restrict) less those that
   other processes keep busy at that moment (sampled over 0.1 s from ``/proc/stat``; at least one), and
   it is given to torch, MKL and OpenBLAS alike. A thread on a core another process holds only makes
-  every barrier wait for it: beside one busy process on 2 cores, the demo's feature extraction ran at
-  DEMO_EXTRACT_RATES.
+  every barrier wait for it: beside one busy process on 2 cores, the demo's feature extraction (3,800
+  images) ran at 127 images/s with the one thread this rule chose and at 65 images/s with two.
 """
 
 from __future__ import annotations
