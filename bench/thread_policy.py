@@ -104,7 +104,8 @@ def _policies() -> dict[str, dict]:
 def _child(workload: str, policy, threads: int) -> float:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads)})
-    applied = {"apply": f"apply_thread_policy({threads}); ", "apply-default": "apply_thread_policy(); "}.get(policy)
+    applied = ({"apply": f"apply_thread_policy({threads}); ", "apply-default": "apply_thread_policy(); "}[policy]
+               if isinstance(policy, str) else None)
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
             + ("from brainmclip.threads import apply_thread_policy; " + applied if applied else "")
             + f"import thread_policy as b, json; print(json.dumps(b._workload({workload!r})))")
