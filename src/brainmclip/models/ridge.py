@@ -79,8 +79,8 @@ _SVD_SOLVERS = ("eigh", "svd")
 # for the matrix product to run near its peak rate, small enough that the (rows x target block)
 # temporary stays a few hundred MB.
 _STACKED_ROWS = 4096
-# Smallest alpha / (largest eigenvalue of X's Gram matrix) at which the per-target CV may
-# decompose its folds in float32 (see _direct_cv_sse).
+# Smallest alpha / (largest eigenvalue of X's Gram matrix) at which the CV may decompose its
+# folds in float32 (see _fold_eigh_dtype).
 _LOW_PRECISION_EIGH_MIN_ALPHA = 1e-4
 
 
@@ -189,7 +189,7 @@ def _svd_factors(X: torch.Tensor, fit_intercept: bool, svd_solver: str = "eigh",
     whose eigenvalue is at round-off level are dropped, so k can be below min(n, p); their
     weight would be below sqrt(round-off) / alpha. ``x_gram``, from :func:`_x_gram` on the same
     X, saves recomputing the n x n Gram matrix. ``eigh_dtype`` float32 halves the
-    eigendecomposition's time where float32 accuracy is enough (the per-target CV folds).
+    eigendecomposition's time where float32 accuracy is enough (the CV folds, :func:`_fold_eigh_dtype`).
     """
     if svd_solver == "svd":
         x_mean = X.mean(0) if fit_intercept else X.new_zeros(X.shape[1])
