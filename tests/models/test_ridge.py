@@ -175,10 +175,21 @@ def test_both_prediction_forms_match_brute_force(monkeypatch, form, n, p):
 @pytest.mark.parametrize(("n", "p"), [(120, 200), (200, 60)])
 @pytest.mark.parametrize(("alphas", "rtol", "gram_rtol"),
                          [(np.logspace(-4, 2, 7), 1e-4, 2e-3), (np.logspace(1, 4, 7), 2e-4, 2e-4)])
-def test_float32_per_target_cv_on_a_wide_spectrum(n, p, alphas, rtol, gram_rtol):
+@pytest.mark.parametrize("full_route", [True, False], ids=["full-route", "fold-route"])
+def test_float32_per_target_cv_on_a_wide_spectrum(monkeypatch, n, p, alphas, rtol, gram_rtol, full_route):
     """Voxels whose singular values span four decades, in float32. Alphas far below the largest
     eigenvalue (1e-4 vs 1e4) need float64 fold decompositions (float32 ones were 26% off there);
-    larger alphas may use float32 ones."""
+    larger alphas may use float32 ones, or the full-data route where it applies (wide X)."""
+    import brainmclip.models.ridge as ridge
+
+    monkeypatch.setattr(ridge, "_full_route_cheaper", lambda *args: full_route)
+    used = []
+
+    def counted(f):
+        return lambda *args: used.append(f) or f(*args)
+
+    for name in ("_full_direct_cv_sse", "_full_gram_cv_sse"):
+        monkeypatch.setattr(ridge, name, counted(getattr(ridge, name)))
     rng = np.random.default_rng(4)
     basis_l, _ = np.linalg.qr(rng.normal(size=(n, min(n, p))))
     basis_r, _ = np.linalg.qr(rng.normal(size=(p, min(n, p))))
@@ -191,6 +202,71 @@ def test_float32_per_target_cv_on_a_wide_spectrum(n, p, alphas, rtol, gram_rtol)
     gram32 = ridge_cv_scores(X, Y, alphas, n_folds=4, method="gram", dtype=np.float32)  # the shared-alpha CV
     # (float32 factors feed the shared-alpha CV's float64 algebra: up to 1e-3 off at the smallest alphas)
     np.testing.assert_allclose(gram32.mse, sse.mean(1), rtol=gram_rtol)
+    # the full-data route serves wide X once every alpha is >= 1e-4 of the largest eigenvalue (1e4 here)
+    assert len(used) == (2 if full_route and n < p and alphas.min() >= 1 else 0)
+
+
+@pytest.mark.parametrize("route", ["full", "folds"])
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_both_cv_routes_match_brute_force(monkeypatch, route, fit_intercept):
+    """Held-out residuals from the full-data decomposition (block inversion) and from each fold's own one."""
+    import brainmclip.models.ridge as ridge
+
+    monkeypatch.setattr(ridge, "_full_route_cheaper", lambda *args: route == "full")
+    X, Y = _problem(n=60, p=90, t=7, offset=2.0)
+    design = ridge.RidgeDesign(X, fit_intercept=fit_intercept, dtype=np.float64)
+    folds = kfold_indices(60, 4)
+    assert ridge._cv_route(design, ALPHAS, folds, 7, per_target=True) == route
+    Ridge = _sklearn_ridge()
+    sse = np.zeros((len(ALPHAS), 7))
+    for train, val in folds:
+        for a, alpha in enumerate(ALPHAS):
+            pred = Ridge(alpha=alpha, fit_intercept=fit_intercept).fit(X[train], Y[train]).predict(X[val])
+            sse[a] += ((Y[val] - pred) ** 2).sum(0)
+    kwargs = dict(n_folds=4, fit_intercept=fit_intercept, dtype=np.float64)
+    direct = ridge_cv_scores(X, Y, ALPHAS, per_target=True, target_chunk=3, **kwargs)
+    np.testing.assert_allclose(direct.target_mse, sse / 60, rtol=1e-9)
+    gram = ridge_cv_scores(X, Y, ALPHAS, method="gram", **kwargs)
+    np.testing.assert_allclose(gram.mse, sse.sum(1) / Y.size, rtol=1e-9)
+    for alpha_per in ("block", "target"):
+        model = RidgeDecoder(alphas=ALPHAS, alpha_per=alpha_per, **kwargs).fit(X, Y)
+        best = np.argmin(sse.sum(1)) if alpha_per == "block" else np.argmin(sse, 0)
+        np.testing.assert_array_equal(model.alpha_, ALPHAS[best])
+
+
+def test_full_route_needs_a_full_rank_dual_design():
+    import brainmclip.models.ridge as ridge
+
+    X, Y = _problem(n=60, p=90, t=5)
+    folds = kfold_indices(60, 4)
+    assert ridge._full_route_applies(ridge.RidgeDesign(X, dtype=np.float64), ALPHAS)
+    # Repeated rows: the Gram matrix loses rank, a dropped direction would need its own 1 / alpha term
+    repeated = np.concatenate([X[:30], X[:30]])
+    design = ridge.RidgeDesign(repeated, dtype=np.float64)
+    assert not ridge._full_route_applies(design, ALPHAS)
+    assert ridge._cv_route(design, ALPHAS, folds, 5, per_target=False) == "folds"
+    scores = ridge_cv_scores(repeated, Y, ALPHAS, n_folds=4, per_target=True, dtype=np.float64)
+    np.testing.assert_allclose(scores.target_mse, _brute_force_sse(repeated, Y, ALPHAS, 4) / 60, rtol=1e-8)
+    # More samples than voxels: no dual decomposition to take residuals from
+    assert not ridge._full_route_applies(ridge.RidgeDesign(X[:, :20], dtype=np.float64), ALPHAS)
+    # float32 with alphas far below the largest eigenvalue: the folds (in float64) are used instead
+    small = ALPHAS * 1e-6
+    assert not ridge._full_route_applies(ridge.RidgeDesign(X, dtype=np.float32), small)
+    assert ridge._full_route_applies(ridge.RidgeDesign(X, dtype=np.float32), ALPHAS * 100)
+
+
+def test_cv_route_follows_the_multiply_adds():
+    from brainmclip.models.ridge import _full_route_cheaper
+
+    def folds(n, k=5):
+        return [(n - n // k, n // k)] * k
+
+    # NSD's shape: five 7,087-square eigendecompositions cost more than the full-data route, in both modes
+    assert _full_route_cheaper(8859, 8858, 8, folds(8859), 20000, per_target=True)
+    assert _full_route_cheaper(8859, 8858, 8, folds(8859), 20000, per_target=False)
+    # 2,000 samples and 20,000 targets per target: the fold route's hat form is cheaper
+    assert not _full_route_cheaper(2000, 1999, 8, folds(2000), 20000, per_target=True)
+    assert _full_route_cheaper(2000, 1999, 8, folds(2000), 20000, per_target=False)
 
 
 def test_prediction_form_follows_the_multiply_adds():

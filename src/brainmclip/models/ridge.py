@@ -13,8 +13,9 @@ bounded however wide ``Y`` is; ``Y`` may be a (read-only, float16) memory map.
 
 The SVD comes by default (``svd_solver="eigh"``) from the eigendecomposition of the smaller
 Gram matrix in float64; ``"svd"`` calls ``torch.linalg.svd`` directly. With n_samples <=
-n_features, every CV fold is factored from blocks of one n x n Gram matrix of X, so the folds
-never touch the voxel dimension.
+n_features the CV folds never touch the voxel dimension: their held-out residuals follow from the
+full-data decomposition by block inversion (one small solve per fold and alpha), or, where that is
+estimated to cost more, each fold is factored from blocks of one n x n Gram matrix of X.
 
 Alpha is chosen by contiguous K-fold cross-validation on the training rows (no shuffling by
 default: neighbouring fMRI trials share slow drifts, so shuffled folds would leak). Two
@@ -497,18 +498,20 @@ def _fold_factors(Xt: torch.Tensor, folds, fit_intercept: bool, svd_solver: str,
             yield tr, va, U.to(Xt.dtype), s.to(Xt.dtype), ((Gtv.mT @ U) / s).to(Xt.dtype)
 
 
-def _target_pass(Y2: np.ndarray, slices: list[slice], U: torch.Tensor | None, fit_intercept: bool, gram: bool,
+def _target_pass(Y2: np.ndarray, slices: list[slice], U: torch.Tensor | None, fit_intercept: bool, gram: str | None,
                  np_dtype: np.dtype, device) -> tuple[np.ndarray, np.ndarray | None, torch.Tensor | None]:
-    """One pass over Y: column means, ``U^T Y_c`` (when U is given) and ``Y_c Y_c^T`` (when ``gram``).
+    """One pass over Y: column means, ``U^T Y_c`` (when U is given) and a Gram matrix of the targets.
 
-    Centring on the full-data mean does not change what the CV needs (each fold re-centres on its
-    training mean, which is invariant to a constant shift) and keeps ``Y Y^T`` well conditioned:
-    CLIP embeddings share a large common component.
+    ``gram="samples"``: ``Y_c Y_c^T`` (n x n); ``gram="factors"``: ``(U^T Y_c)(U^T Y_c)^T`` (k x k,
+    needs U); None: neither. Centring on the full-data mean does not change what the CV needs (each
+    fold re-centres on its training mean, which is invariant to a constant shift) and keeps the Gram
+    matrix well conditioned: CLIP embeddings share a large common component.
     """
     n, t = Y2.shape
     y_mean = np.zeros(t, np_dtype)
     UtY = None if U is None else np.empty((U.shape[1], t), np_dtype)
-    K = torch.zeros((n, n), dtype=torch.float64, device=device) if gram else None
+    size = {"samples": n, "factors": None if U is None else U.shape[1], None: 0}[gram]
+    K = torch.zeros((size, size), dtype=torch.float64, device=device) if gram else None
     for sl in slices:
         Yb = _target_block(Y2, sl, np_dtype, device)
         if fit_intercept:
@@ -516,9 +519,11 @@ def _target_pass(Y2: np.ndarray, slices: list[slice], U: torch.Tensor | None, fi
             Yb -= mean
             y_mean[sl] = mean.cpu().numpy()
         if U is not None:
-            UtY[:, sl] = (U.mT @ Yb).cpu().numpy()
+            Bb = U.mT @ Yb
+            UtY[:, sl] = Bb.cpu().numpy()
         if gram:
-            K += (Yb @ Yb.mT).double()  # each block in working precision, accumulated in float64
+            Zb = Yb if gram == "samples" else Bb
+            K += (Zb @ Zb.mT).double()  # each block in working precision, accumulated in float64
     return y_mean, UtY, K
 
 
@@ -619,13 +624,132 @@ def _direct_cv_sse(design: RidgeDesign, Y2: np.ndarray, alphas: np.ndarray, fold
     return sse
 
 
+# -- K-fold CV from the full-data decomposition
+#
+# For the dual problem (fewer samples than voxels) every fold's held-out residuals follow from the
+# fit on all samples, without decomposing the fold. Ridge with an unpenalised intercept solves
+# M [c; b] = [y; 0] with M = [[G + alpha I, 1], [1^T, 0]] (G the centred Gram matrix of X), and
+# the fit without rows v predicts them as M_vR M_RR^{-1} y_R (R = the other rows and the
+# intercept). Block inversion of M gives, with W = M^{-1},
+#
+#     y_v - yhat_v = (W_vv)^{-1} (W [y; 0])_v.
+#
+# With G = U diag(lambda) U^T over the n - 1 directions orthogonal to the constant (U from the
+# eigendecomposition the refit needs anyway), the top-left block of W is U diag(1/(lambda + alpha)) U^T,
+# so the residuals of fold v are Z_v (U^T Y_c) with
+#
+#     Z_v = (U_v D U_v^T)^{-1} U_v D,   D = diag(1 / (lambda + alpha)):
+#
+# an n_v x n_v solve per fold and alpha, then products with the refit's own U^T Y_c (k x targets).
+# Without an intercept the same holds with W = (G + alpha I)^{-1} over all n directions.
+
+
+def _full_route_applies(design: RidgeDesign, alphas: np.ndarray) -> bool:
+    """Whether the CV may take its folds' residuals from the full-data decomposition.
+
+    It needs the dual eigendecomposition (n_samples <= n_features, ``"eigh"``) of full rank
+    (directions dropped at round-off would need their own 1 / alpha term), and alphas for which
+    the working precision suffices (the bound of :func:`_fold_eigh_dtype`; float64 X always).
+    """
+    if design.x_gram is None or design.factors.U is None:
+        return False
+    n, k = design.X.shape[0], len(design.factors.s)
+    return k == n - int(design.fit_intercept) and _fold_eigh_dtype(design, alphas) == design.Xt.dtype
+
+
+def _cv_route(design: RidgeDesign, alphas: np.ndarray, folds, n_targets: int, per_target: bool) -> str:
+    """``"full"`` or ``"folds"``: the full-data route where it applies and is the cheaper one."""
+    if not _full_route_applies(design, alphas):
+        return "folds"
+    sizes = [(len(tr), len(va)) for tr, va in folds]
+    cheaper = _full_route_cheaper(design.X.shape[0], len(design.factors.s), len(alphas), sizes, n_targets,
+                                  per_target)
+    return "full" if cheaper else "folds"
+
+
+def _full_route_cheaper(n: int, k: int, n_alphas: int, sizes: list[tuple[int, int]], n_targets: int,
+                        per_target: bool) -> bool:
+    """Whether the full-data route costs fewer estimated multiply-adds than decomposing every fold.
+
+    ``sizes``: (training rows, validation rows) per fold. An eigendecomposition of an m x m matrix
+    counts as 6 m^3 multiply-adds (LAPACK's tridiagonalisation is memory-bound: a 7,087-square
+    float32 one took as long as 6 m^3 multiply-adds of matrix products on a 2-core x86 CPU);
+    float64 products count twice.
+    """
+    a = n_alphas
+    solve = sum(2 * 2 * n_v * n_v * k for _, n_v in sizes)  # W_vv and its solve, float64
+    if per_target:
+        folds_cost = sum(6 * n_t**3 + min(a * n_v * n_t * (n_targets + n_t), (n_t * n_t + a * n_v * n_t) * n_targets)
+                         for n_t, n_v in sizes)
+        full_cost = a * (solve + n * k * n_targets)
+    else:
+        folds_cost = sum(6 * n_t**3 + 2 * 2 * n_t**3 for n_t, _ in sizes)  # eigh + U^T K U (float64)
+        full_cost = a * (solve + n * k * k)
+    return full_cost < folds_cost
+
+
+def _group_out_left(U: torch.Tensor, lam: torch.Tensor, alpha: float, va: torch.Tensor) -> torch.Tensor:
+    """``Z_v = (U_v D U_v^T)^{-1} U_v D`` (n_v, k), float64: fold v's held-out residuals are ``Z_v U^T Y_c``."""
+    Uvd = U[va] / (lam + alpha)
+    return torch.linalg.solve(Uvd @ U[va].mT, Uvd)
+
+
+def _full_factors(design: RidgeDesign) -> tuple[torch.Tensor, torch.Tensor]:
+    fac = design.factors
+    return fac.U.double(), fac.s.double().square()
+
+
+def _full_gram_cv_sse(design: RidgeDesign, K_f: torch.Tensor, alphas: np.ndarray, folds) -> np.ndarray:
+    """Summed validation squared error per alpha from ``K_f = (U^T Y_c)(U^T Y_c)^T`` (k x k).
+
+    Fold v's error is ``||Z_v U^T Y_c||^2 = sum(Z_v * (Z_v K_f))``: a sum of squares, so no
+    large terms cancel and the k^2 products may run in the working precision.
+    """
+    U, lam = _full_factors(design)
+    work = design.Xt.dtype
+    K_w = K_f.to(work)
+    sse = torch.zeros(len(alphas), dtype=torch.float64, device=K_f.device)
+    for _, val in folds:
+        va = torch.as_tensor(val, device=U.device)
+        for a, alpha in enumerate(alphas):
+            Z = _group_out_left(U, lam, float(alpha), va).to(work)
+            sse[a] += ((Z @ K_w) * Z).sum(1).double().sum()
+    return sse.cpu().numpy()
+
+
+def _full_direct_cv_sse(design: RidgeDesign, UtY: np.ndarray, alphas: np.ndarray, folds,
+                        slices: list[slice]) -> np.ndarray:
+    """Summed validation squared error per alpha and target from ``UtY = U^T Y_c`` (k, n_targets).
+
+    Several alphas' ``Z_v`` go through one product with each block of ``UtY``, as in
+    :func:`_direct_cv_sse`; Y itself is not read again.
+    """
+    U, lam = _full_factors(design)
+    work = design.Xt.dtype
+    n_alphas = len(alphas)
+    sse = np.zeros((n_alphas, UtY.shape[1]))
+    B = torch.from_numpy(UtY)  # column blocks of it are strided views, which BLAS reads in place
+    for _, val in folds:
+        va = torch.as_tensor(val, device=U.device)
+        n_v = len(val)
+        per_group = max(1, _STACKED_ROWS // n_v)
+        for start in range(0, n_alphas, per_group):
+            g = range(start, min(start + per_group, n_alphas))
+            Z = torch.cat([_group_out_left(U, lam, float(alphas[a]), va) for a in g]).to(work)
+            for sl in slices:
+                P = (Z @ B[:, sl].to(U.device)).view(len(g), n_v, -1)
+                sse[g.start:g.stop, sl] += P.square_().sum(1).cpu().numpy()
+    return sse
+
+
 def ridge_cv_scores(X, Y, alphas=DEFAULT_ALPHAS, *, n_folds: int = 5, shuffle: bool = False, seed: int | None = None,
                     fit_intercept: bool = True, per_target: bool = False, method: str = "auto",
                     target_chunk: int | None = 16384, dtype=np.float32, device="cpu",
                     svd_solver: str = "eigh") -> RidgeCVScores:
     """K-fold validation error of ridge regression for every alpha at once.
 
-    Each fold's training rows get one thin SVD, shared by all alphas and all targets.
+    Each fold's training rows get one thin SVD, shared by all alphas and all targets, or (fewer
+    samples than features) the folds' residuals come from the full-data one (:func:`_cv_route`).
 
     Parameters
     ----------
@@ -643,9 +767,10 @@ def ridge_cv_scores(X, Y, alphas=DEFAULT_ALPHAS, *, n_folds: int = 5, shuffle: b
     per_target : bool
         Also return the error of every target column (needs ``method="direct"``).
     method : {"auto", "gram", "direct"}
-        ``"gram"``: totals from the n x n target Gram matrix, no validation predictions (one
-        pass over Y); ``"direct"``: explicit validation predictions per alpha (one pass over Y
-        per fold). ``"auto"`` takes ``"direct"`` when ``per_target``, else ``"gram"``.
+        ``"gram"``: totals from a Gram matrix of the targets (n x n, or k x k on the full-data
+        route), no validation predictions (one pass over Y); ``"direct"``: explicit validation
+        predictions per alpha (one pass over Y per fold, or none beyond the first on the
+        full-data route). ``"auto"`` takes ``"direct"`` when ``per_target``, else ``"gram"``.
     target_chunk : int or None
         Target columns in memory at once.
     dtype : float32 or float64
@@ -671,11 +796,17 @@ def ridge_cv_scores(X, Y, alphas=DEFAULT_ALPHAS, *, n_folds: int = 5, shuffle: b
     slices = _target_slices(Y2.shape[1], target_chunk)
     design = RidgeDesign(X, fit_intercept=fit_intercept, svd_solver=svd_solver, dtype=np_dtype, device=device)
     n, t = Y2.shape
+    full = _cv_route(design, alphas, folds, t, per_target=method == "direct") == "full"
     if method == "gram":
-        _, _, K = _target_pass(Y2, slices, None, fit_intercept, True, np_dtype, device)
-        sse = _gram_cv_sse(design, K, alphas, folds)
+        _, _, K = _target_pass(Y2, slices, design.factors.U if full else None, fit_intercept,
+                               "factors" if full else "samples", np_dtype, device)
+        sse = _full_gram_cv_sse(design, K, alphas, folds) if full else _gram_cv_sse(design, K, alphas, folds)
         return RidgeCVScores(sse / (n * t), None)
-    sse = _direct_cv_sse(design, Y2, alphas, folds, slices, np_dtype)
+    if full:
+        _, UtY, _ = _target_pass(Y2, slices, design.factors.U, fit_intercept, None, np_dtype, device)
+        sse = _full_direct_cv_sse(design, UtY, alphas, folds, slices)
+    else:
+        sse = _direct_cv_sse(design, Y2, alphas, folds, slices, np_dtype)
     return RidgeCVScores(sse.sum(1) / (n * t), sse / n if per_target else None)
 
 
@@ -809,20 +940,26 @@ class RidgeDecoder:
 
         fac = design.factors
         gram = run_cv and self.alpha_per == "block"
+        full = run_cv and _cv_route(design, alphas, folds, t, per_target=not gram) == "full"
         # The refit's U^T Y_c and (block mode) the CV's Gram matrix come from the same pass over Y.
-        y_mean, B, K = _target_pass(Y2, slices, fac.U, self.fit_intercept, gram, np_dtype, self.device)
-        if not design.cache:
+        y_mean, B, K = _target_pass(Y2, slices, fac.U, self.fit_intercept,
+                                    ("factors" if full else "samples") if gram else None, np_dtype, self.device)
+        if not design.cache and not full:
             design.release_u()  # (n_samples, k): not needed past this pass
-            fac = design.factors
         s = fac.s.double().cpu().numpy()
 
         cv_scores = cv_target_scores = None
         if gram:
-            cv_scores = _gram_cv_sse(design, K, alphas, folds) / (n * t)
+            sse = _full_gram_cv_sse(design, K, alphas, folds) if full else _gram_cv_sse(design, K, alphas, folds)
+            cv_scores = sse / (n * t)
         elif run_cv:
-            sse = _direct_cv_sse(design, Y2, alphas, folds, slices, np_dtype)
+            sse = (_full_direct_cv_sse(design, B, alphas, folds, slices) if full
+                   else _direct_cv_sse(design, Y2, alphas, folds, slices, np_dtype))
             cv_scores, cv_target_scores = sse.sum(1) / (n * t), sse / n
         del K
+        if not design.cache:
+            design.release_u()
+        fac = design.factors
 
         F = shrinkage(s, alphas).astype(np_dtype)  # (n_alphas, k)
         if self.alpha_per == "block":
