@@ -255,6 +255,27 @@ def test_full_route_needs_a_full_rank_dual_design():
     assert ridge._full_route_applies(ridge.RidgeDesign(X, dtype=np.float32), ALPHAS * 100)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_large_eigendecompositions_through_scipy_match(monkeypatch, dtype):
+    import torch
+    from threadpoolctl import threadpool_info
+
+    import brainmclip.models.ridge as ridge
+
+    monkeypatch.setattr(ridge, "_SCIPY_EIGH_MIN_SIZE", 10)  # every matrix below goes through SciPy
+    X, Y = _problem(n=60, p=90, t=6, offset=1.0)
+    G = torch.from_numpy((X @ X.T).astype(dtype))
+    before = [i["num_threads"] for i in threadpool_info()]
+    lam, Q = ridge._eigh(G)
+    assert [i["num_threads"] for i in threadpool_info()] == before  # the BLAS thread limit is undone
+    ref = np.linalg.eigvalsh(X @ X.T)
+    np.testing.assert_allclose(lam.numpy(), ref, rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-3 * ref.max())
+    np.testing.assert_allclose((Q * lam) @ Q.mT, G, atol=(1e-3 if dtype == np.float32 else 1e-9) * ref.max())
+    # A whole fit with every decomposition through SciPy still matches scikit-learn brute force
+    scores = ridge_cv_scores(X, Y, ALPHAS, n_folds=4, per_target=True, dtype=np.float64)
+    np.testing.assert_allclose(scores.target_mse, _brute_force_sse(X, Y, ALPHAS, 4) / 60, rtol=1e-9)
+
+
 def test_cv_route_follows_the_multiply_adds():
     from brainmclip.models.ridge import _full_route_cheaper
 
