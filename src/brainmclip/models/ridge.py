@@ -533,8 +533,10 @@ def _target_pass(Y2: np.ndarray, slices: list[slice], U: torch.Tensor | None, fi
     n, t = Y2.shape
     y_mean = np.zeros(t, np_dtype)
     UtY = None if U is None else np.empty((U.shape[1], t), np_dtype)
-    size = {"samples": n, "factors": None if U is None else U.shape[1], None: 0}[gram]
-    K = torch.zeros((size, size), dtype=torch.float64, device=device) if gram else None
+    K = None
+    if gram:
+        size = n if gram == "samples" else U.shape[1]
+        K = torch.zeros((size, size), dtype=torch.float64, device=device)
     for sl in slices:
         Yb = _target_block(Y2, sl, np_dtype, device)
         if fit_intercept:
@@ -593,11 +595,22 @@ def _gram_cv_sse(design: RidgeDesign, K: torch.Tensor, alphas: np.ndarray, folds
     return sse.clamp_min(0).cpu().numpy()
 
 
+def _alpha_groups(n_alphas: int, n_val: int) -> list[range]:
+    """Alphas whose validation rows go through one matrix product: at most ``_STACKED_ROWS`` rows (at least one alpha)."""
+    per_group = max(1, _STACKED_ROWS // n_val)
+    return [range(a, min(a + per_group, n_alphas)) for a in range(0, n_alphas, per_group)]
+
+
+def _prediction_costs(n_alphas: int, n_val: int, n_train: int, k: int, n_targets: int) -> dict[str, int]:
+    """Multiply-adds of a fold's validation predictions in the hat and the factor order (see :func:`_direct_cv_sse`)."""
+    return {"hat": n_alphas * n_val * n_train * (n_targets + k),
+            "factor": (n_train * k + n_alphas * n_val * k) * n_targets}
+
+
 def _prediction_form(n_alphas: int, n_val: int, n_train: int, k: int, n_targets: int) -> str:
     """``"hat"`` or ``"factor"``: the order of a fold's validation products with fewer multiply-adds."""
-    hat = n_alphas * n_val * n_train * (n_targets + k)
-    factor = (n_train * k + n_alphas * n_val * k) * n_targets
-    return "hat" if hat < factor else "factor"
+    costs = _prediction_costs(n_alphas, n_val, n_train, k, n_targets)
+    return "hat" if costs["hat"] < costs["factor"] else "factor"
 
 
 def _direct_cv_sse(design: RidgeDesign, Y2: np.ndarray, alphas: np.ndarray, folds, slices: list[slice],
@@ -627,8 +640,7 @@ def _direct_cv_sse(design: RidgeDesign, Y2: np.ndarray, alphas: np.ndarray, fold
         F = shrinkage(s, alphas)  # (n_alphas, k)
         (n_t, k), n_v = U.shape, len(va)
         hat = _prediction_form(n_alphas, n_v, n_t, k, t) == "hat"
-        per_group = max(1, _STACKED_ROWS // n_v)  # alphas per product: bounded (rows x block) temporaries
-        groups = [range(a, min(a + per_group, n_alphas)) for a in range(0, n_alphas, per_group)]
+        groups = _alpha_groups(n_alphas, n_v)
         # (n_alphas, n_v, n_T) smoother rows, or (n_alphas, n_v, k) scaled validation factors
         left = (A[None] * F[:, None, :]) @ U.mT if hat else A[None] * F[:, None, :]
         for sl in slices:
@@ -702,8 +714,8 @@ def _full_route_cheaper(n: int, k: int, n_alphas: int, sizes: list[tuple[int, in
     a = n_alphas
     solve = sum(2 * 2 * n_v * n_v * k for _, n_v in sizes)  # W_vv and its solve, float64
     if per_target:
-        folds_cost = sum(6 * n_t**3 + min(a * n_v * n_t * (n_targets + n_t), (n_t * n_t + a * n_v * n_t) * n_targets)
-                         for n_t, n_v in sizes)
+        # a dual fold keeps k = n_T directions
+        folds_cost = sum(6 * n_t**3 + min(_prediction_costs(a, n_v, n_t, n_t, n_targets).values()) for n_t, n_v in sizes)
         full_cost = a * (solve + n * k * n_targets)
     else:
         folds_cost = sum(6 * n_t**3 + 2 * 2 * n_t**3 for n_t, _ in sizes)  # eigh + U^T K U (float64)
@@ -755,14 +767,26 @@ def _full_direct_cv_sse(design: RidgeDesign, UtY: np.ndarray, alphas: np.ndarray
     for _, val in folds:
         va = torch.as_tensor(val, device=U.device)
         n_v = len(val)
-        per_group = max(1, _STACKED_ROWS // n_v)
-        for start in range(0, n_alphas, per_group):
-            g = range(start, min(start + per_group, n_alphas))
+        for g in _alpha_groups(n_alphas, n_v):
             Z = torch.cat([_group_out_left(U, lam, float(alphas[a]), va) for a in g]).to(work)
             for sl in slices:
                 P = (Z @ B[:, sl].to(U.device)).view(len(g), n_v, -1)
                 sse[g.start:g.stop, sl] += P.square_().sum(1).cpu().numpy()
     return sse
+
+
+def _cv_sse(design: RidgeDesign, Y2: np.ndarray, alphas: np.ndarray, folds, slices: list[slice], full: bool,
+            K: torch.Tensor | None, UtY: np.ndarray | None) -> np.ndarray:
+    """Validation squared error: per alpha from a target Gram matrix ``K`` (when given), else per alpha and target.
+
+    ``full``: on the full-data route (``K`` the k x k Gram matrix of ``UtY = U^T Y_c``), else fold by fold
+    (``K`` the n x n one of Y_c; the per-target errors read Y again).
+    """
+    if K is not None:
+        return _full_gram_cv_sse(design, K, alphas, folds) if full else _gram_cv_sse(design, K, alphas, folds)
+    if full:
+        return _full_direct_cv_sse(design, UtY, alphas, folds, slices)
+    return _direct_cv_sse(design, Y2, alphas, folds, slices, design.np_dtype)
 
 
 def ridge_cv_scores(X, Y, alphas=DEFAULT_ALPHAS, *, n_folds: int = 5, shuffle: bool = False, seed: int | None = None,
@@ -819,17 +843,13 @@ def ridge_cv_scores(X, Y, alphas=DEFAULT_ALPHAS, *, n_folds: int = 5, shuffle: b
     slices = _target_slices(Y2.shape[1], target_chunk)
     design = RidgeDesign(X, fit_intercept=fit_intercept, svd_solver=svd_solver, dtype=np_dtype, device=device)
     n, t = Y2.shape
-    full = _cv_route(design, alphas, folds, t, per_target=method == "direct") == "full"
-    if method == "gram":
-        _, _, K = _target_pass(Y2, slices, design.factors.U if full else None, fit_intercept,
-                               "factors" if full else "samples", np_dtype, device)
-        sse = _full_gram_cv_sse(design, K, alphas, folds) if full else _gram_cv_sse(design, K, alphas, folds)
+    gram = method == "gram"
+    full = _cv_route(design, alphas, folds, t, per_target=not gram) == "full"
+    _, UtY, K = _target_pass(Y2, slices, design.factors.U if full else None, fit_intercept,
+                             ("factors" if full else "samples") if gram else None, np_dtype, device)
+    sse = _cv_sse(design, Y2, alphas, folds, slices, full, K, UtY)
+    if gram:
         return RidgeCVScores(sse / (n * t), None)
-    if full:
-        _, UtY, _ = _target_pass(Y2, slices, design.factors.U, fit_intercept, None, np_dtype, device)
-        sse = _full_direct_cv_sse(design, UtY, alphas, folds, slices)
-    else:
-        sse = _direct_cv_sse(design, Y2, alphas, folds, slices, np_dtype)
     return RidgeCVScores(sse.sum(1) / (n * t), sse / n if per_target else None)
 
 
@@ -972,13 +992,12 @@ class RidgeDecoder:
         s = fac.s.double().cpu().numpy()
 
         cv_scores = cv_target_scores = None
-        if gram:
-            sse = _full_gram_cv_sse(design, K, alphas, folds) if full else _gram_cv_sse(design, K, alphas, folds)
-            cv_scores = sse / (n * t)
-        elif run_cv:
-            sse = (_full_direct_cv_sse(design, B, alphas, folds, slices) if full
-                   else _direct_cv_sse(design, Y2, alphas, folds, slices, np_dtype))
-            cv_scores, cv_target_scores = sse.sum(1) / (n * t), sse / n
+        if run_cv:
+            sse = _cv_sse(design, Y2, alphas, folds, slices, full, K, B)
+            if gram:
+                cv_scores = sse / (n * t)
+            else:
+                cv_scores, cv_target_scores = sse.sum(1) / (n * t), sse / n
         del K
         if not design.cache:
             design.release_u()
