@@ -981,15 +981,16 @@ class RidgeDecoder:
         else:
             design.check_matches(self, X)
 
-        fac = design.factors
         gram = run_cv and self.alpha_per == "block"
         full = run_cv and _cv_route(design, alphas, folds, t, per_target=not gram) == "full"
         # The refit's U^T Y_c and (block mode) the CV's Gram matrix come from the same pass over Y.
-        y_mean, B, K = _target_pass(Y2, slices, fac.U, self.fit_intercept,
+        y_mean, B, K = _target_pass(Y2, slices, design.factors.U, self.fit_intercept,
                                     ("factors" if full else "samples") if gram else None, np_dtype, self.device)
+        # U (n_samples, k) is not needed past this pass unless the CV takes its folds from the full-data fit.
+        # No local name holds the factors here, so releasing frees it.
         if not design.cache and not full:
-            design.release_u()  # (n_samples, k): not needed past this pass
-        s = fac.s.double().cpu().numpy()
+            design.release_u()
+        s = design.factors.s.double().cpu().numpy()
 
         cv_scores = cv_target_scores = None
         if run_cv:
