@@ -1,7 +1,7 @@
 """Benchmark: one BrainMCLIP training step at subject-1 sizes on CPU, as a share of matmul peak.
 
     python bench/train_step_flops.py [--batch-size 32] [--semantic-voxels 3086] [--detail-voxels 8747]
-                                     [--rounds 5] [--busy] [--json out.json]
+                                     [--rounds 5] [--busy] [--bf16] [--json out.json]
 
 It times full training steps (forward, loss, backward, AdamW step) of the default BrainMCLIP config
 (about 0.76B parameters; 768-wide, 257 + 77 token targets) as ``brainmclip train`` runs them on CPU
@@ -9,6 +9,11 @@ It times full training steps (forward, loss, backward, AdamW step) of the defaul
 before each step, alternating, so that a ratio compares a step with the rate the machine had at
 that moment: on a shared CPU the rate swings by 2x and more between minutes. ``--busy`` runs it all
 beside one competing busy process. The same is done for forward + backward without the optimizer.
+
+``--bf16`` adds, in the same rounds, the step under CPU bf16 autocast (``train.mixed_precision:
+bf16-always``) with its own baseline, the bf16 matmul rate (square 2048 GEMMs in bf16), and the
+step's speed-up over the fp32 step. bf16 matmuls are fast only on CPUs with native bf16
+instructions (AVX512-BF16, AMX); elsewhere they are emulated and slow.
 
 The FLOPs of a step are counted by ``torch.utils.flop_counter.FlopCounterMode`` over one
 forward + loss + backward: every matmul that runs, including the shared image backbone and
@@ -38,8 +43,8 @@ from brainmclip.losses.brain_mclip_objective import ObjectiveConfig, brain_mclip
 from brainmclip.models.brain_mclip import BrainMCLIP, BrainMCLIPConfig
 
 
-def matmul_rate(size: int = 2048, repeats: int = 3) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_rate(size: int = 2048, repeats: int = 3, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
@@ -60,6 +65,7 @@ def main(argv=None) -> int:
     parser.add_argument("--detail-voxels", type=int, default=8747)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved (matmul rate, step) pairs")
     parser.add_argument("--busy", action="store_true", help="run beside one competing busy process")
+    parser.add_argument("--bf16", action="store_true", help="also time the step under CPU bf16 autocast")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     with busy_process(args.busy):
@@ -81,10 +87,11 @@ def _run(args) -> int:
              "image_semantic": torch.randn(n, 257, 768), "image_detail": torch.randn(n, 257, 768),
              "text": torch.randn(n, 77, 768)}
 
-    def step(with_optimizer: bool = True) -> float:
+    def step(with_optimizer: bool = True, bf16: bool = False) -> float:
         start = time.perf_counter()
-        out = model(batch["semantic"], batch["detail"])
-        loss, _ = brain_mclip_objective(out, batch, batch["semantic"], batch["detail"], loss_cfg)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # as the training loop wraps them
+            out = model(batch["semantic"], batch["detail"])
+            loss, _ = brain_mclip_objective(out, batch, batch["semantic"], batch["detail"], loss_cfg)
         loss.backward()
         if with_optimizer:
             optimizer.step()
@@ -96,16 +103,20 @@ def _run(args) -> int:
     flops = counter.get_total_flops()
     naive = 6 * n * linear_weights(model)
     load_before = load_average()
-    ratios: dict[str, list[float]] = {"step": [], "fwd_bwd": []}
-    seconds: dict[str, list[float]] = {"step": [], "fwd_bwd": []}
-    rates = []
+    kinds = ("step", "fwd_bwd") + (("step_bf16",) if args.bf16 else ())
+    ratios: dict[str, list[float]] = {kind: [] for kind in kinds}
+    seconds: dict[str, list[float]] = {kind: [] for kind in kinds}
+    rates, rates_bf16 = [], []
     with keep_freed_memory() as kept:
         step()  # warm-up: allocates the optimizer state, page-faults the buffers in
+        if args.bf16:
+            step(bf16=True)
         for _ in range(args.rounds):
-            for kind in ("step", "fwd_bwd"):
-                rate = matmul_rate()
-                t = step(with_optimizer=kind == "step")
-                rates.append(rate)
+            for kind in kinds:
+                bf16 = kind == "step_bf16"
+                rate = matmul_rate(dtype=torch.bfloat16 if bf16 else torch.float32)
+                t = step(with_optimizer=kind != "fwd_bwd", bf16=bf16)
+                (rates_bf16 if bf16 else rates).append(rate)
                 seconds[kind].append(t)
                 ratios[kind].append(flops / t / rate)
     result = {
@@ -123,12 +134,27 @@ def _run(args) -> int:
         "fwd_bwd_s_median": round(statistics.median(seconds["fwd_bwd"]), 3),
         "ratio_fwd_bwd_median": round(statistics.median(ratios["fwd_bwd"]), 3),
         "keep_freed_memory": kept,
+        **(_bf16_result(seconds, ratios, rates_bf16) if args.bf16 else {}),
         "goal": ">= 0.5 (ratio_step_median)",
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "threads": torch.get_num_threads(),
     }
     report(result, args.json)
     return 0
+
+
+def _bf16_result(seconds: dict, ratios: dict, rates: list[float]) -> dict:
+    import statistics
+
+    # per round: the fp32 step and the bf16 step ran seconds apart, so their ratio is paired
+    speedups = [a / b for a, b in zip(seconds["step"], seconds["step_bf16"], strict=True)]
+    return {
+        "bf16_matmul_gflops_median": round(statistics.median(rates) / 1e9, 1),
+        "bf16_step_s_median": round(statistics.median(seconds["step_bf16"]), 3),
+        "bf16_ratio_step_median": round(statistics.median(ratios["step_bf16"]), 3),
+        "bf16_speedup_over_fp32_median": round(statistics.median(speedups), 2),
+        "bf16_speedup_range": [round(min(speedups), 2), round(max(speedups), 2)],
+    }
 
 
 if __name__ == "__main__":

@@ -208,11 +208,17 @@ def test_float32_per_target_cv_on_a_wide_spectrum(monkeypatch, n, p, alphas, rto
 
 @pytest.mark.parametrize("route", ["full", "folds"])
 @pytest.mark.parametrize("fit_intercept", [True, False])
-def test_both_cv_routes_match_brute_force(monkeypatch, route, fit_intercept):
-    """Held-out residuals from the full-data decomposition (block inversion) and from each fold's own one."""
+@pytest.mark.parametrize("product_columns", [2, None], ids=["2-column-products", "default-products"])
+def test_both_cv_routes_match_brute_force(monkeypatch, route, fit_intercept, product_columns):
+    """Held-out residuals from the full-data decomposition (block inversion) and from each fold's own one.
+
+    With 2-column validation products each 3-target block splits unevenly, so a wrong column offset shows.
+    """
     import brainmclip.models.ridge as ridge
 
     monkeypatch.setattr(ridge, "_full_route_cheaper", lambda *args: route == "full")
+    if product_columns:
+        monkeypatch.setattr(ridge, "_PRODUCT_COLUMNS", product_columns)
     X, Y = _problem(n=60, p=90, t=7, offset=2.0)
     design = ridge.RidgeDesign(X, fit_intercept=fit_intercept, dtype=np.float64)
     folds = kfold_indices(60, 4)
