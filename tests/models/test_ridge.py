@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from brainmclip.models.ridge import (
     DEFAULT_ALPHAS,
@@ -280,6 +281,15 @@ def test_large_eigendecompositions_through_scipy_match(monkeypatch, dtype):
     # A whole fit with every decomposition through SciPy still matches scikit-learn brute force
     scores = ridge_cv_scores(X, Y, ALPHAS, n_folds=4, per_target=True, dtype=np.float64)
     np.testing.assert_allclose(scores.target_mse, _brute_force_sse(X, Y, ALPHAS, 4) / 60, rtol=1e-9)
+
+
+def test_validation_products_split_columns_on_cpu_only(monkeypatch):
+    import brainmclip.models.ridge as ridge
+
+    monkeypatch.setattr(ridge, "_PRODUCT_COLUMNS", 4)
+    assert ridge._product_columns(10, torch.device("cpu")) == [slice(0, 4), slice(4, 8), slice(8, 10)]
+    assert ridge._product_columns(10, torch.device("meta")) == [slice(0, 10)]  # any accelerator: one product
+    assert ridge._offset(slice(20, 30), slice(4, 8)) == slice(24, 28)
 
 
 def test_cv_route_follows_the_multiply_adds():

@@ -80,8 +80,9 @@ _SVD_SOLVERS = ("eigh", "svd")
 # for the matrix product to run near its peak rate, small enough that the (rows x target block)
 # temporary stays a few hundred MB.
 _STACKED_ROWS = 4096
-# Target columns per validation product: on a 2-core x86 CPU a 3,200 x 1,600 float32 product ran at
-# 88 GMAC/s on 2,048-4,096 columns and 62-74 on 16,384, whose output no longer stays in cache.
+# Target columns per validation product on CPU: on a 2-core x86 CPU a 3,200 x 1,600 float32 product ran
+# at 88 GMAC/s on 2,048-4,096 columns and 62-74 on 16,384, whose output no longer stays in cache. A GPU
+# takes the whole target block in one product.
 _PRODUCT_COLUMNS = 4096
 # Smallest alpha / (largest eigenvalue of X's Gram matrix) at which the CV may decompose its
 # folds in float32 (see _fold_eigh_dtype).
@@ -656,12 +657,17 @@ def _direct_cv_sse(design: RidgeDesign, Y2: np.ndarray, alphas: np.ndarray, fold
             right = Y_tr if hat else U.mT @ Y_tr
             for g in groups:
                 left_g = left[g.start:g.stop].reshape(-1, left.shape[2])
-                for c in _target_slices(right.shape[1], _PRODUCT_COLUMNS):
+                for c in _product_columns(right.shape[1], right.device):
                     P = (left_g @ right[:, c]).view(len(g), n_v, -1)
                     P -= Y_va[:, c]  # the residual, up to its sign
                     # Summed in the working precision (pairwise, over n_v terms), accumulated over folds in float64.
                     sse[g.start:g.stop, _offset(sl, c)] += P.square_().sum(1).cpu().numpy()
     return sse
+
+
+def _product_columns(n_columns: int, device: torch.device) -> list[slice]:
+    """Column slices of one validation product (see ``_PRODUCT_COLUMNS``)."""
+    return _target_slices(n_columns, _PRODUCT_COLUMNS if device.type == "cpu" else None)
 
 
 def _offset(sl: slice, c: slice) -> slice:
@@ -780,7 +786,7 @@ def _full_direct_cv_sse(design: RidgeDesign, UtY: np.ndarray, alphas: np.ndarray
         for g in _alpha_groups(n_alphas, n_v):
             Z = torch.cat([_group_out_left(U, lam, float(alphas[a]), va) for a in g]).to(work)
             for sl in slices:
-                for c in _target_slices(sl.stop - sl.start, _PRODUCT_COLUMNS):
+                for c in _product_columns(sl.stop - sl.start, U.device):
                     cols = _offset(sl, c)
                     P = (Z @ B[:, cols].to(U.device)).view(len(g), n_v, -1)
                     sse[g.start:g.stop, cols] += P.square_().sum(1).cpu().numpy()
