@@ -264,7 +264,6 @@ def test_full_route_needs_a_full_rank_dual_design():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_large_eigendecompositions_through_scipy_match(monkeypatch, dtype):
-    import torch
     from threadpoolctl import threadpool_info
 
     import brainmclip.models.ridge as ridge
