@@ -2,7 +2,7 @@
 
     python bench/voxel_ridge.py [--samples 1000] [--voxels 3000] [--n-voxels 250] [--targets 2000]
                                 [--sklearn-targets 100] [--threads 1] [--json out.json]
-    python bench/voxel_ridge.py --nsd      # NSD-like: 9,000 train rows x 15,000 voxels
+    python bench/voxel_ridge.py --nsd [--targets 10000]   # NSD-like: 9,000 train rows x 15,000 voxels
     python bench/voxel_ridge.py --quick    # a few seconds
 
 Both sides solve the same problem in float64: for each target keep the ``--n-voxels`` voxels with
@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--samples", type=int, default=1000, help="training rows")
     parser.add_argument("--voxels", type=int, default=3000)
     parser.add_argument("--n-voxels", type=int, default=250, help="voxels selected per target (k)")
-    parser.add_argument("--targets", type=int, default=2000)
+    parser.add_argument("--targets", type=int, default=None, help="targets fitted (default 2000; --quick 300)")
     parser.add_argument("--alphas", type=int, default=8)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--test", type=int, default=200, help="held-out rows for the prediction check")
@@ -91,14 +91,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch and BLAS threads, both sides")
     parser.add_argument("--batch-size", type=int, default=None, help="VoxelSelectedRidge batch_size (default: auto)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--nsd", action="store_true", help="NSD-like sizes: 9000 x 15000 voxels, 2000 targets")
+    parser.add_argument("--nsd", action="store_true", help="NSD-like sizes: 9000 rows x 15000 voxels")
     parser.add_argument("--quick", action="store_true", help="a small problem (400 x 1000, k 100, 300 targets)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.nsd:
-        args.samples, args.voxels, args.targets, args.sklearn_targets = 9000, 15000, 2000, min(args.sklearn_targets, 20)
+        args.samples, args.voxels, args.sklearn_targets = 9000, 15000, min(args.sklearn_targets, 20)
     if args.quick:
-        args.samples, args.voxels, args.n_voxels, args.targets, args.sklearn_targets = 400, 1000, 100, 300, 30
+        args.samples, args.voxels, args.n_voxels, args.sklearn_targets = 400, 1000, 100, 30
+    if args.targets is None:
+        args.targets = 300 if args.quick else 2000
 
     from threadpoolctl import threadpool_limits
 

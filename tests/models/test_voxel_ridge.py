@@ -13,10 +13,29 @@ import pytest
 import torch
 
 from brainmclip.errors import InvalidInputError, MissingInputError
+from brainmclip.models import voxel_ridge
 from brainmclip.models.ridge import RidgeDecoder
-from brainmclip.models.voxel_ridge import VoxelSelectedRidge, _gram, _spd_solve, select_voxels
+from brainmclip.models.voxel_ridge import (
+    VoxelSelectedRidge,
+    _gather_blocks,
+    _gram,
+    _spd_solve,
+    _voxel_gram,
+    select_voxels,
+)
 
 ALPHAS = np.logspace(-1, 4, 6)
+
+
+@pytest.fixture(params=["gathered", "gram"])
+def route(request, monkeypatch):
+    """Force the primal solver's route: per-target gathered voxels, or systems gathered from the voxels' Gram matrix."""
+    monkeypatch.setattr(voxel_ridge, "_GRAM_ROUTE_RATE", 0.0 if request.param == "gathered" else float("inf"))
+    return request.param
+
+
+def _primal_form(route):
+    return "primal" if route == "gathered" else "gram"
 
 
 def _sklearn():
@@ -75,12 +94,12 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("alpha_per", ["target", "block"])
 @pytest.mark.parametrize(("n", "p", "k"), [(60, 40, 10), (30, 50, 40)], ids=["primal", "dual"])
-def test_matches_per_target_reference(n, p, k, alpha_per):
+def test_matches_per_target_reference(n, p, k, alpha_per, route):
     X, Y, X_test = _problem(n=n, p=p, offset=3.0)
     model = VoxelSelectedRidge(n_voxels=k, alphas=ALPHAS, n_folds=4, alpha_per=alpha_per, batch_size=4,
                                device="cpu").fit(X, Y)
     S, alpha, sse, pred = _reference(X, Y, X_test, k, ALPHAS, 4, alpha_per)
-    assert model.form_ == ("primal" if k < n else "dual")
+    assert model.form_ == (_primal_form(route) if k < n else "dual")
     assert model.selected_.dtype == np.int32 and model.selected_.shape == (Y.shape[1], k)
     np.testing.assert_array_equal(model.selected_, S)
     if alpha_per == "target":
@@ -95,9 +114,10 @@ def test_matches_per_target_reference(n, p, k, alpha_per):
     assert _rel(explicit, pred) < 1e-4
 
 
-def test_batch_size_and_memory_do_not_change_the_result():
+def test_batch_size_and_memory_do_not_change_the_result(route):
     X, Y, X_test = _problem(t=7)
     a = VoxelSelectedRidge(n_voxels=12, alphas=ALPHAS, n_folds=3, batch_size=1, device="cpu").fit(X, Y)
+    assert a.form_ == _primal_form(route)
     b = VoxelSelectedRidge(n_voxels=12, alphas=ALPHAS, n_folds=3, device="cpu").fit(X, Y)
     c = VoxelSelectedRidge(n_voxels=12, alphas=ALPHAS, n_folds=3, memory_mb=0.05, device="cpu").fit(X, Y)
     for other in (b, c):
@@ -106,7 +126,21 @@ def test_batch_size_and_memory_do_not_change_the_result():
         np.testing.assert_allclose(a.predict(X_test), other.predict(X_test), rtol=1e-10, atol=1e-12)
 
 
-def test_tie_rule_constant_voxels_and_constant_target():
+def test_gram_route_in_several_target_groups(monkeypatch):
+    """More targets than the cross-product stash holds: groups of targets, each with the folds' Gram matrices again."""
+    X, Y, X_test = _problem(t=7)
+    monkeypatch.setattr(voxel_ridge, "_GRAM_ROUTE_RATE", float("inf"))
+    one = VoxelSelectedRidge(n_voxels=12, alphas=ALPHAS, n_folds=3, batch_size=2, device="cpu").fit(X, Y)
+    monkeypatch.setattr(voxel_ridge, "_GRAM_ROUTE_STASH_BYTES", 8 * 12 * 3 * 3)  # 3 targets: groups of 4, 3
+    groups = VoxelSelectedRidge(n_voxels=12, alphas=ALPHAS, n_folds=3, batch_size=2, device="cpu").fit(X, Y)
+    assert one.form_ == groups.form_ == "gram"
+    np.testing.assert_array_equal(one.selected_, groups.selected_)
+    np.testing.assert_array_equal(one.alpha_, groups.alpha_)
+    np.testing.assert_array_equal(one.cv_mse_, groups.cv_mse_)
+    np.testing.assert_array_equal(one.predict(X_test), groups.predict(X_test))
+
+
+def test_tie_rule_constant_voxels_and_constant_target(route):
     X, Y, X_test = _problem(n=40, p=20, t=4)
     X[:, [2, 5, 11, 17]] = 7.25  # constant voxels: r = 0, tied; 16 varying voxels, k = 18 needs two of them
     Y[:, 3] = -1.5  # a constant target: every r = 0, so the first k voxels
@@ -115,6 +149,7 @@ def test_tie_rule_constant_voxels_and_constant_target():
     assert {2, 5}.issubset(S_ref[0]) and not {11, 17} & set(S_ref[0])
     np.testing.assert_array_equal(S_ref[3], np.arange(18))
     model = VoxelSelectedRidge(n_voxels=18, alphas=ALPHAS, n_folds=4, device="cpu").fit(X, Y)
+    assert model.form_ == _primal_form(route)
     np.testing.assert_array_equal(model.selected_, S_ref)
     np.testing.assert_allclose(model.predict(X_test)[:, 3], -1.5, atol=1e-12)
     _, _, _, pred = _reference(X, Y, X_test, 18, ALPHAS, 4, "target")
@@ -130,10 +165,11 @@ def test_all_voxels_selected_equals_plain_ridge():
     assert _rel(model.predict(X_test), plain.predict(X_test)) < 1e-8
 
 
-def test_single_alpha_skips_cv_and_keeps_target_shape():
+def test_single_alpha_skips_cv_and_keeps_target_shape(route):
     Ridge, _ = _sklearn()
     X, Y, X_test = _problem(t=6)
     model = VoxelSelectedRidge(n_voxels=9, alphas=[3.0], n_folds=5, device="cpu").fit(X, Y.reshape(-1, 2, 3))
+    assert model.form_ == _primal_form(route)
     assert model.cv_mse_ is None and np.all(model.alpha_ == 3.0)
     pred = model.predict(X_test)
     assert pred.shape == (len(X_test), 2, 3)
@@ -146,7 +182,7 @@ def test_float32_close_to_float64():
     X, Y, X_test = _problem(offset=50.0)
     ref = VoxelSelectedRidge(n_voxels=10, alphas=ALPHAS, n_folds=4, device="cpu").fit(X, Y)
     low = VoxelSelectedRidge(n_voxels=10, alphas=ALPHAS, n_folds=4, dtype=np.float32, device="cpu").fit(X, Y)
-    assert low.coef_.dtype == np.float32
+    assert low.coef_.dtype == np.float32 and low.form_ == "primal"  # the Gram route is float64-only
     np.testing.assert_array_equal(low.selected_, ref.selected_)
     assert _rel(low.predict(X_test), ref.predict(X_test)) < 1e-3
 
@@ -266,3 +302,35 @@ def test_blocked_gram_equals_numpy(depth):
     got = _gram(torch.from_numpy(A)[:, :, 5:35], depth).numpy()  # a strided view, as the folds pass it
     want = np.einsum("bin,bjn->bij", A[:, :, 5:35], A[:, :, 5:35])
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_voxel_gram_equals_numpy():
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((70, 1500))  # 1,500 columns: the mirroring runs over two unequal blocks
+    got = _voxel_gram(X[20:45])  # a row slice, as the folds pass it
+    assert got.flags.c_contiguous
+    np.testing.assert_allclose(got, X[20:45].T @ X[20:45], rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(got, got.T)
+
+
+def test_gather_blocks_equals_fancy_indexing():
+    rng = np.random.default_rng(4)
+    G = rng.standard_normal((50, 50))
+    S = np.sort(rng.permutation(50)[:7]).astype(np.int32)[None].repeat(5, 0)
+    S[2] = np.arange(7)
+    H = rng.standard_normal((50, 50))
+    got_G, got_H = _gather_blocks(S, G, H, chunk=2)  # uneven chunks
+    for j in range(5):
+        np.testing.assert_array_equal(got_G[j].numpy(), G[np.ix_(S[j], S[j])])
+        np.testing.assert_array_equal(got_H[j].numpy(), H[np.ix_(S[j], S[j])])
+
+
+def test_gram_route_choice():
+    model = VoxelSelectedRidge()
+    cpu = torch.device("cpu")
+    f64 = np.dtype(np.float64)
+    assert model._gram_route(1000, 3000, 250, 2000, cpu, f64)
+    assert not model._gram_route(1000, 3000, 250, 30, cpu, f64)  # too few targets to pay for the Gram matrix
+    assert not model._gram_route(1000, 3000, 250, 2000, cpu, np.dtype(np.float32))
+    assert not model._gram_route(1000, 3000, 250, 2000, torch.device("cuda"), f64)
+    assert not model._gram_route(9000, 20000, 250, 10**6, cpu, f64)  # two 20,000-square matrices: 6.4 GB

@@ -21,12 +21,23 @@ operation:
   held-out rows' column sums), so no fold touches the training rows again. Each (fold, alpha)
   costs one batched ``torch.linalg.cholesky_ex`` + ``cholesky_solve`` of (B, k, k) systems and
   one batched product for the validation predictions.
+* Primal form from the voxels' Gram matrix (CPU, float64, when the (p, p) matrices fit in memory and
+  there are enough targets to pay for them): ``G = X_c^T X_c`` and each fold's ``G_f`` are computed once
+  for all targets (BLAS's ``syrk``), and a target's systems are gathered from them, ``G[S, S]``, instead
+  of multiplying its gathered voxels again. The correlation product is computed fold by fold,
+  ``C = sum_f X_f^T Y_f``, so each fold's cross products ``X_f[:, S]^T y_f`` come with it. The validation
+  error of fold ``f`` then comes from the same sums, ``|u|^2 - 2 w.(X_f^T u) + w^T G_f w`` plus the
+  intercept's terms (``u`` the held-out targets centred on the training mean), so no voxel column is
+  gathered at all. Passes run fold by fold, so only two (p, p) matrices are held at once; the
+  difference of sums is why this route is float64-only (a float64 error relative to ``|u|^2`` of 1e-16).
 * Dual form (``k >= n_samples``): the (B, n, n) kernels of the selected voxels; a fold's
   train/validation blocks are re-centred on the fold's training mean, and each (fold, alpha)
   costs a batched Cholesky of (B, n_T, n_T) systems.
 
 Cost per target, primal: ``n k^2`` (Gram matrices) + ``n_folds * n_alphas * k^3 / 3`` (Cholesky)
-multiply-adds, plus ``n p`` for its share of the correlation product; dual: ``n^2 k`` +
+multiply-adds, plus ``n p`` for its share of the correlation product; from the voxels' Gram matrix:
+``n p^2`` once for all targets (half in each of two syrk passes), then the Cholesky factorisations and
+``2 k^2`` gathered entries per fold, ``n p`` for the correlations; dual: ``n^2 k`` +
 ``n_folds * n_alphas * n_T^3 / 3``. A per-target loop over a library solver (scikit-learn's
 ``Ridge``) recomputes the Gram matrix of the selected columns in every fit, ``n_T k^2`` per fold
 and alpha. Memory is bounded by the batch size (chosen from ``memory_mb`` unless given).
@@ -51,6 +62,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from brainmclip.errors import InvalidInputError
@@ -72,6 +84,15 @@ __all__ = ["DEFAULT_ALPHAS", "VOXEL_RIDGE_FORMAT", "VoxelSelectedRidge", "select
 
 VOXEL_RIDGE_FORMAT = "brainmclip-voxel-ridge/1"
 _ALPHA_MODES = ("target", "block")
+# The Gram route holds two (p, p) float64 matrices (the full data's and one fold's); above this it is not used.
+_GRAM_ROUTE_MAX_BYTES = 4 * 2**30
+# The Gram route pays n p^2 multiply-adds once (two syrk passes of n p^2 / 2); the per-target route pays
+# n k^2 per target (its fold Gram matrices) in small batched products that ran about this many times slower per
+# multiply-add than syrk on one CPU thread (9,000 rows, k 250: ~5 against ~28 GMAC/s).
+_GRAM_ROUTE_RATE = 4.0
+# The Gram route keeps each fold's cross products X_f[:, S]^T y_f for a group of targets between its passes; more
+# targets than fit here are fitted in several groups (each computing the folds' Gram matrices again).
+_GRAM_ROUTE_STASH_BYTES = 2**30
 
 
 def _resolve_device(device) -> torch.device:
@@ -135,10 +156,14 @@ def select_voxels(X, Y, n_voxels: int) -> np.ndarray:
 def _select(XcT: torch.Tensor, x_norm: torch.Tensor, Yc: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Selected voxels (B, k) and the cross products ``X_c[:, S]^T y_c`` (B, k) of one target block."""
     C = XcT @ Yc  # (p, B)
-    den = x_norm[:, None] * Yc.norm(dim=0)[None, :]
-    abs_r = torch.where(den > 0, C.abs() / torch.where(den > 0, den, 1), 0)
-    S = _top_k(abs_r, k)
+    S = _top_k(_abs_r(C, x_norm, Yc), k)
     return S, torch.gather(C.T, 1, S)
+
+
+def _abs_r(C: torch.Tensor, x_norm: torch.Tensor, Yc: torch.Tensor) -> torch.Tensor:
+    """|Pearson r| (p, B) from the cross products ``C = X_c^T Y_c``; 0 where a column is constant."""
+    den = x_norm[:, None] * Yc.norm(dim=0)[None, :]
+    return torch.where(den > 0, C.abs() / torch.where(den > 0, den, 1), 0)
 
 
 def _check_k(k, n_features: int) -> int:
@@ -164,12 +189,13 @@ def _spd_solve(A: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     eigenvalues below round-off level dropped, as a pseudo-inverse would.
     """
     try:
-        # A is symmetric, so A.mT is A itself laid out column-major: LAPACK then factors it without the copy torch
-        # makes of a row-major input, and plain cholesky skips cholesky_ex's per-matrix status (together ~1.5x on
-        # CPU). A failure anywhere in the batch falls back to the per-matrix path below.
-        L = torch.linalg.cholesky(A.mT)
+        # On CPU NumPy's batched Cholesky (OpenBLAS's LAPACK) factored 250-square float64 systems 1.5x faster than
+        # torch's on one thread. On other devices: A is symmetric, so A.mT is A itself laid out column-major, which
+        # LAPACK factors without the copy torch makes of a row-major input, and plain cholesky skips cholesky_ex's
+        # per-matrix status. A failure anywhere in the batch falls back to the per-matrix path below.
+        L = torch.from_numpy(np.linalg.cholesky(A.numpy())) if A.device.type == "cpu" else torch.linalg.cholesky(A.mT)
         info = None
-    except torch.linalg.LinAlgError:
+    except (torch.linalg.LinAlgError, np.linalg.LinAlgError):
         L, info = torch.linalg.cholesky_ex(A)
     x = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, rhs, upper=False), upper=True)
     bad = torch.nonzero(info).flatten() if info is not None else torch.empty(0, dtype=torch.long)
@@ -196,6 +222,44 @@ def _gram(A: torch.Tensor, depth: int = 2) -> torch.Tensor:
     G[..., h:, :h] = bottom @ top.mT
     G[..., :h, h:] = G[..., h:, :h].mT
     return G
+
+
+def _voxel_gram(rows: np.ndarray) -> np.ndarray:
+    """``rows^T rows`` (p, p) of a C-ordered float64 (m, p) array, both triangles filled, C-ordered.
+
+    BLAS's ``syrk`` computes one triangle (half the multiply-adds of a general product; ~2.3x torch's
+    ``X.T @ X`` on one thread at 2,000 x 15,000).
+    """
+    from scipy.linalg.blas import dsyrk
+
+    # rows.T is the Fortran-ordered (p, m) view of the same memory: syrk reads it without a copy.
+    upper = dsyrk(1.0, rows.T, trans=0, lower=0)  # Fortran-ordered; its transpose is C-ordered
+    G = upper.T  # C-ordered, lower triangle filled
+    p = len(G)
+    step = 1024
+    for a in range(0, p, step):  # mirror in blocks: no (p, p) index arrays
+        e = min(a + step, p)
+        D = G[a:e, a:e]
+        D[:] = np.tril(D) + np.tril(D, -1).T
+        G[a:e, e:] = G[e:, a:e].T
+    return G
+
+
+def _gather_blocks(S: np.ndarray, *mats: np.ndarray, chunk: int = 64) -> list[torch.Tensor]:
+    """``M[S_j][:, S_j]`` of each (p, p) matrix ``M`` for every row ``S_j`` of ``S`` (B, k): (B, k, k) float64 tensors.
+
+    One ``np.take`` on flat indices per chunk of targets and matrix (about 2x torch's advanced indexing here),
+    the indices shared by the matrices; the chunk bounds the index array.
+    """
+    B, k = S.shape
+    p = mats[0].shape[1]
+    outs = [np.empty((B, k, k)) for _ in mats]
+    for a in range(0, B, chunk):
+        idx = S[a:a + chunk].astype(np.int64)
+        flat_idx = idx[:, :, None] * p + idx[:, None, :]
+        for M, out in zip(mats, outs, strict=True):
+            np.take(M.reshape(-1), flat_idx, out=out[a:a + chunk])
+    return [torch.from_numpy(out) for out in outs]
 
 
 def _solve_alphas(M: torch.Tensor, rhs: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
@@ -252,9 +316,10 @@ class VoxelSelectedRidge:
     alpha_ : float (``"block"``) or array (n_targets,) (``"target"``)
     cv_mse_ : array (n_alphas, n_targets) or None
         Validation squared error summed over folds / n_samples, per alpha and target.
-    form_ : {"primal", "dual", "shared"}
-        The solver used: primal (k x k systems) when n_voxels < n_samples, else dual (n x n); "shared" when every
-        voxel is selected (one decomposition of X for all targets).
+    form_ : {"primal", "gram", "dual", "shared"}
+        The solver used: primal (k x k systems) when n_voxels < n_samples, "gram" when those systems were gathered
+        from the voxels' Gram matrices (CPU, float64, enough targets), else dual (n x n); "shared" when every voxel
+        is selected (one decomposition of X for all targets).
     n_features_in_ : int
     target_shape_ : tuple of int
     """
@@ -281,7 +346,7 @@ class VoxelSelectedRidge:
 
     # -- fitting
 
-    def _batch(self, n: int, p: int, k: int, dual: bool) -> int:
+    def _batch(self, n: int, p: int, k: int, dual: bool, gram: bool = False) -> int:
         if self.batch_size is not None:
             if not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1:
                 raise InvalidInputError(f"batch_size={self.batch_size!r}; expected a positive integer or None")
@@ -289,7 +354,10 @@ class VoxelSelectedRidge:
         if not (isinstance(self.memory_mb, (int, float)) and self.memory_mb > 0):
             raise InvalidInputError(f"memory_mb={self.memory_mb!r}; expected a positive number")
         item = np.dtype(self.dtype).itemsize
-        per_target = k * n + 3 * p + n + (4 * n * n if dual else (self.n_folds + 3) * k * k)
+        if gram:  # correlations and each fold's cross products (p each), gathered systems and their work copies
+            per_target = (self.n_folds + 2) * p + n + 6 * k * k
+        else:
+            per_target = k * n + 3 * p + n + (4 * n * n if dual else (self.n_folds + 3) * k * k)
         return max(1, int(self.memory_mb * 2**20 // (item * per_target)))
 
     def fit(self, X, Y) -> VoxelSelectedRidge:
@@ -314,15 +382,56 @@ class VoxelSelectedRidge:
         X = _check_X(X)
         Y2, target_shape = _check_Y(Y, len(X))
         n, p = X.shape
-        t = Y2.shape[1]
         k = _check_k(self.n_voxels, p)
         run_cv = alphas.size > 1
         if k == p:
             return self._fit_all_voxels(X, Y2, target_shape, alphas, np_dtype)
         folds = kfold_indices(n, self.n_folds) if run_cv else []
         dual = k >= n
-        slices = _target_slices(t, self._batch(n, p, k, dual))
+        # NumPy / SciPy BLAS calls (Cholesky, syrk) run with torch's thread count, so the thread policy holds for them.
+        with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+            return self._fit_routes(X, Y2, target_shape, k, folds, dual, alphas, np_dtype, t_dtype, device)
 
+    def _fit_routes(self, X, Y2, target_shape, k, folds, dual, alphas, np_dtype, t_dtype, device):
+        n, p = X.shape
+        t = Y2.shape[1]
+        if not dual and self._gram_route(n, p, k, t, device, np_dtype):
+            Xc, x_mean = _centre(_as_tensor(X, np.float64, device))
+            selected, coef, y_mean, sse, best_target = _fit_from_voxel_gram(
+                Xc, Y2, _target_slices(t, self._batch(n, p, k, dual, gram=True)), k,
+                [slice(int(va[0]), int(va[-1]) + 1) for _, va in folds], alphas, self.alpha_per, self.progress)
+            form = "gram"
+        else:
+            selected, coef, y_mean, sse, best_target, x_mean = self._fit_gathered(
+                X, Y2, _target_slices(t, self._batch(n, p, k, dual)), k, folds, dual, alphas, np_dtype, t_dtype,
+                device)
+            form = "dual" if dual else "primal"
+
+        x_mean_np = x_mean.cpu().numpy().astype(np_dtype)
+        self.selected_ = selected
+        self.coef_ = coef
+        self.x_mean_ = x_mean_np
+        self.y_mean_ = y_mean
+        self.intercept_ = (y_mean - np.einsum("tk,tk->t", x_mean_np[selected], coef)).astype(np_dtype)
+        self.alpha_ = float(alphas[best_target[0]]) if self.alpha_per == "block" else alphas[best_target]
+        self.cv_mse_ = None if sse is None else sse / n
+        self.form_ = form
+        self.n_features_in_ = p
+        self.target_shape_ = target_shape
+        return self
+
+    def _gram_route(self, n: int, p: int, k: int, t: int, device: torch.device, np_dtype: np.dtype) -> bool:
+        """Whether the primal systems come from the voxels' (p, p) Gram matrices (module docstring): CPU and float64
+        only (its validation errors are differences of sums, and syrk is a CPU BLAS call), when both matrices fit in
+        ``_GRAM_ROUTE_MAX_BYTES`` and their one-off cost is below the per-target route's Gram products."""
+        return (device.type == "cpu" and np_dtype == np.float64 and 2 * p * p * 8 <= _GRAM_ROUTE_MAX_BYTES
+                and p * p <= _GRAM_ROUTE_RATE * t * k * k)
+
+    def _fit_gathered(self, X, Y2, slices, k, folds, dual, alphas, np_dtype, t_dtype, device):
+        """The per-target route: each batch gathers its selected voxels and forms their Gram matrices or kernels."""
+        n, p = X.shape
+        t = Y2.shape[1]
+        run_cv = alphas.size > 1
         Xc, x_mean = _centre(_as_tensor(X, np.float64, device))  # centred in float64: voxels can have large means
         Xc = Xc.to(t_dtype)
         XcT = Xc.T.contiguous()  # (p, n): a gather of rows of X^T gives the selected voxels contiguously
@@ -371,19 +480,7 @@ class VoxelSelectedRidge:
                 coef[sl] = system.refit(Yc, alphas_t[torch.as_tensor(best_target[sl], device=device)]).cpu().numpy()
                 bar.update(sl.stop - sl.start)
         bar.close()
-
-        x_mean_np = x_mean.cpu().numpy().astype(np_dtype)
-        self.selected_ = selected
-        self.coef_ = coef
-        self.x_mean_ = x_mean_np
-        self.y_mean_ = y_mean
-        self.intercept_ = (y_mean - np.einsum("tk,tk->t", x_mean_np[selected], coef)).astype(np_dtype)
-        self.alpha_ = float(alphas[best_target[0]]) if self.alpha_per == "block" else alphas[best_target]
-        self.cv_mse_ = None if sse is None else sse / n
-        self.form_ = "dual" if dual else "primal"
-        self.n_features_in_ = p
-        self.target_shape_ = target_shape
-        return self
+        return selected, coef, y_mean, sse, best_target, x_mean
 
     def _fit_all_voxels(self, X, Y2, target_shape, alphas, np_dtype) -> VoxelSelectedRidge:
         """Every voxel selected for every target: one shared decomposition of X serves all targets, alphas and folds
@@ -537,6 +634,110 @@ class _PrimalSystem:
     def refit(self, Yc: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         """Weights (B, k) for one alpha per target (B,)."""
         return _spd_solve(_add_diag(self.G, alpha), self.b[..., None]).squeeze(-1)
+
+
+def _fit_from_voxel_gram(Xc: torch.Tensor, Y2: np.ndarray, slices, k: int, fold_slices, alphas: np.ndarray,
+                         alpha_per: str, progress: bool):
+    """The primal systems of every target gathered from the voxels' Gram matrices (CPU, float64).
+
+    Targets go in groups whose per-fold cross products ``X_f[:, S]^T y_f`` fit in ``_GRAM_ROUTE_STASH_BYTES``
+    (one group unless there are very many targets). Per group: selection, with the cross products of each fold
+    taken from the same products that sum to the correlations; then per fold its (p, p) Gram matrix and every
+    batch's validation errors. The refit with the chosen alphas comes once every group's errors are in.
+    Returns ``selected, coef, y_mean, sse, best_target`` as the per-target route does.
+    """
+    n, p = Xc.shape
+    t = Y2.shape[1]
+    X = Xc.numpy()
+    G = _voxel_gram(X)
+    x_norm = Xc.norm(dim=0)
+    alphas_t = torch.as_tensor(alphas, dtype=torch.float64)
+    selected = np.empty((t, k), np.int32)
+    b_all = np.empty((t, k))
+    y_mean = np.empty(t)
+    sse = np.zeros((alphas.size, t)) if fold_slices else None
+    bar = tqdm(total=t * (len(fold_slices) + 2), desc="voxel-selected ridge", unit="target", disable=not progress)
+    group_size = max(1, _GRAM_ROUTE_STASH_BYTES // (8 * k * max(1, len(fold_slices))))
+    groups, group = [], []
+    for sl in slices:
+        group.append(sl)
+        if sl.stop - group[0].start >= group_size:
+            groups.append(group)
+            group = []
+    groups += [group] if group else []
+
+    for group in groups:
+        first = group[0].start
+        # Per fold and target: X_f[:, S]^T y_f, and the sum and sum of squares of y_f (the folds' passes need no Y).
+        cross = np.empty((len(fold_slices), group[-1].stop - first, k))
+        y_sums = np.empty((len(fold_slices), 2, group[-1].stop - first))
+        for sl in group:
+            Yc, mean = _centre(_target_block(Y2, sl, np.dtype(np.float64), "cpu"))
+            Y_np = Yc.numpy()
+            # (B, p) products through NumPy's BLAS: 2x torch's (p, n) x (n, B) product on one thread here.
+            parts = [Y_np[va].T @ X[va] for va in fold_slices] or [Y_np.T @ X]
+            CT = np.add.reduce(parts) if len(parts) > 1 else parts[0]  # X_c^T Y_c, transposed
+            S = _top_k(_abs_r(torch.from_numpy(CT).T, x_norm, Yc), k).numpy()
+            selected[sl], b_all[sl], y_mean[sl] = S, np.take_along_axis(CT, S, 1), mean.numpy()
+            for f, va in enumerate(fold_slices):
+                rows = slice(sl.start - first, sl.stop - first)
+                cross[f, rows] = np.take_along_axis(parts[f], S, 1)
+                y_sums[f, 0, rows], y_sums[f, 1, rows] = Y_np[va].sum(0), np.square(Y_np[va]).sum(0)
+            bar.update(sl.stop - sl.start)
+        for f, va in enumerate(fold_slices):
+            Xv = X[va]
+            G_f = _voxel_gram(Xv)
+            s_all = Xv.sum(0)
+            for sl in group:
+                rows = slice(sl.start - first, sl.stop - first)
+                sse[:, sl] += _fold_errors(G, G_f, s_all, selected[sl], b_all[sl], cross[f, rows],
+                                           y_sums[f, :, rows], va.stop - va.start, n, alphas_t).T.numpy()
+                bar.update(sl.stop - sl.start)
+            del G_f
+
+    if sse is None:
+        best_target = np.zeros(t, np.int64)
+    elif alpha_per == "block":
+        best_target = np.full(t, int(np.argmin(sse.sum(1))), np.int64)
+    else:
+        best_target = np.argmin(sse, axis=0)
+    coef = np.empty((t, k))
+    for sl in slices:
+        alpha = alphas_t[torch.from_numpy(best_target[sl])]
+        coef[sl] = _spd_solve(_add_diag(_gather_blocks(selected[sl], G)[0], alpha),
+                              torch.from_numpy(b_all[sl])[..., None]).squeeze(-1).numpy()
+        bar.update(sl.stop - sl.start)
+    bar.close()
+    return selected, coef, y_mean, sse, best_target
+
+
+def _fold_errors(G: np.ndarray, G_f: np.ndarray, s_all: np.ndarray, S: np.ndarray, b: np.ndarray, cross: np.ndarray,
+                 y_sums: np.ndarray, n_v: int, n: int, alphas: torch.Tensor) -> torch.Tensor:
+    """Validation squared errors (B, n_alphas) of one fold for a batch of targets, from Gram matrices only.
+
+    ``G``, ``G_f``: the (p, p) Gram matrices of all rows and of the fold's ``n_v`` held-out rows (X centred on the
+    full mean); ``s_all``: the held-out rows' column sums; ``S`` (B, k) the selections; ``b`` (B, k) ``X_S^T y_c``;
+    ``cross`` (B, k) ``X_f[:, S]^T y_f``; ``y_sums`` (2, B) the sum and the sum of squares of the held-out targets
+    (centred on the full mean).
+    """
+    n_T = n - n_v
+    G_S, G_fS = _gather_blocks(S, G, G_f)
+    s = torch.from_numpy(s_all[S])  # (B, k)
+    cross = torch.from_numpy(cross)
+    ys, yy = torch.from_numpy(y_sums[0]), torch.from_numpy(y_sums[1])
+    m = ys / n_T  # minus the training rows' mean of y (the full mean is zero)
+    # Fold f's training rows centred on their own mean: Gram G - G_f - s s^T / n_T, cross products likewise.
+    G_T = torch.baddbmm(G_S.sub_(G_fS), s[:, :, None], s[:, None, :], alpha=-1 / n_T)
+    b_T = torch.from_numpy(b) - cross - s * m[:, None]
+    W = _solve_alphas(G_T, b_T[..., None], alphas)  # (B, k, A)
+    # Held-out residual r = u - X_f w - c 1, u = y_f + m, c = s.w / n_T (the training mean's offset):
+    # |r|^2 = u.u - 2 w.(X_f^T u) - 2 c sum(u) + w^T G_f w + 2 c (s.w) + n_v c^2, with s.w = c n_T.
+    c = (s[:, :, None] * W).sum(1) / n_T  # (B, A)
+    uu = yy + 2 * m * ys + n_v * m * m
+    su = ys + n_v * m
+    wXu = (W * (cross + s * m[:, None])[:, :, None]).sum(1)
+    wGw = (W * (G_fS @ W)).sum(1)
+    return uu[:, None] - 2 * wXu - 2 * c * su[:, None] + wGw + 2 * c * c * n_T + n_v * c * c
 
 
 class _DualSystem:
