@@ -334,3 +334,17 @@ def test_gram_route_choice():
     assert not model._gram_route(1000, 3000, 250, 2000, cpu, np.dtype(np.float32))
     assert not model._gram_route(1000, 3000, 250, 2000, torch.device("cuda"), f64)
     assert not model._gram_route(9000, 20000, 250, 10**6, cpu, f64)  # two 20,000-square matrices: 6.4 GB
+
+
+def test_gram_route_unchanged_under_bf16_autocast(monkeypatch):
+    """The Gram route's validation errors are differences of large sums; autocast leaves its float64 work alone."""
+    X, Y, X_test = _problem(t=5)
+    monkeypatch.setattr(voxel_ridge, "_GRAM_ROUTE_RATE", float("inf"))
+    plain = VoxelSelectedRidge(n_voxels=12, alphas=ALPHAS, n_folds=4, device="cpu").fit(X, Y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = VoxelSelectedRidge(n_voxels=12, alphas=ALPHAS, n_folds=4, device="cpu").fit(X, Y)
+    _, _, sse, pred = _reference(X, Y, X_test, 12, ALPHAS, 4, "target")
+    assert auto.form_ == "gram"
+    np.testing.assert_array_equal(auto.cv_mse_, plain.cv_mse_)
+    np.testing.assert_allclose(auto.cv_mse_ * len(X), sse, rtol=1e-8)
+    assert _rel(auto.predict(X_test), pred) < 1e-4

@@ -656,7 +656,9 @@ def _fit_from_voxel_gram(Xc: torch.Tensor, Y2: np.ndarray, slices, k: int, fold_
     b_all = np.empty((t, k))
     y_mean = np.empty(t)
     sse = np.zeros((alphas.size, t)) if fold_slices else None
-    bar = tqdm(total=t * (len(fold_slices) + 2), desc="voxel-selected ridge", unit="target", disable=not progress)
+    # The bar counts the fold passes and the refit, which take nearly all the time (the selection pass is a few
+    # matrix products), so its rate and ETA hold from the start.
+    bar = tqdm(total=t * (len(fold_slices) + 1), desc="voxel-selected ridge", unit="target", disable=not progress)
     group_size = max(1, _GRAM_ROUTE_STASH_BYTES // (8 * k * max(1, len(fold_slices))))
     groups, group = [], []
     for sl in slices:
@@ -683,7 +685,6 @@ def _fit_from_voxel_gram(Xc: torch.Tensor, Y2: np.ndarray, slices, k: int, fold_
                 rows = slice(sl.start - first, sl.stop - first)
                 cross[f, rows] = np.take_along_axis(parts[f], S, 1)
                 y_sums[f, 0, rows], y_sums[f, 1, rows] = Y_np[va].sum(0), np.square(Y_np[va]).sum(0)
-            bar.update(sl.stop - sl.start)
         for f, va in enumerate(fold_slices):
             Xv = X[va]
             G_f = _voxel_gram(Xv)
