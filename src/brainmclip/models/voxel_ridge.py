@@ -28,8 +28,9 @@ operation:
   ``C = sum_f X_f^T Y_f``, so each fold's cross products ``X_f[:, S]^T y_f`` come with it. The validation
   error of fold ``f`` then comes from the same sums, ``|u|^2 - 2 w.(X_f^T u) + w^T G_f w`` plus the
   intercept's terms (``u`` the held-out targets centred on the training mean), so no voxel column is
-  gathered at all. Passes run fold by fold, so only two (p, p) matrices are held at once; the
-  difference of sums is why this route is float64-only (a float64 error relative to ``|u|^2`` of 1e-16).
+  gathered at all. Passes run fold by fold, so only two (p, p) matrices are held at once. Because a
+  validation error is a difference of sums, its round-off is relative to ``|u|^2`` (1e-16 in float64,
+  6e-8 in float32), which is why this route is float64-only.
 * Dual form (``k >= n_samples``): the (B, n, n) kernels of the selected voxels; a fold's
   train/validation blocks are re-centred on the fold's training mean, and each (fold, alpha)
   costs a batched Cholesky of (B, n_T, n_T) systems.
@@ -40,7 +41,9 @@ multiply-adds, plus ``n p`` for its share of the correlation product; from the v
 ``2 k^2`` gathered entries per fold, ``n p`` for the correlations; dual: ``n^2 k`` +
 ``n_folds * n_alphas * n_T^3 / 3``. A per-target loop over a library solver (scikit-learn's
 ``Ridge``) recomputes the Gram matrix of the selected columns in every fit, ``n_T k^2`` per fold
-and alpha. Memory is bounded by the batch size (chosen from ``memory_mb`` unless given).
+and alpha. Memory is bounded by the batch size (chosen from ``memory_mb`` unless given), plus, on the
+Gram route, the two (p, p) matrices (at most ``_GRAM_ROUTE_MAX_BYTES``) and each fold's cross products for
+a group of targets (at most ``_GRAM_ROUTE_STASH_BYTES``).
 
 Selection tie rule: voxels are ranked by ``|r|`` descending and equal ``|r|`` are broken by the
 lower voxel index. A constant voxel or a constant target has ``r = 0`` with everything (detected
@@ -678,7 +681,9 @@ def _fit_from_voxel_gram(Xc: torch.Tensor, Y2: np.ndarray, slices, k: int, fold_
             Y_np = Yc.numpy()
             # (B, p) products through NumPy's BLAS: 2x torch's (p, n) x (n, B) product on one thread here.
             parts = [Y_np[va].T @ X[va] for va in fold_slices] or [Y_np.T @ X]
-            CT = np.add.reduce(parts) if len(parts) > 1 else parts[0]  # X_c^T Y_c, transposed
+            CT = parts[0].copy() if len(parts) > 1 else parts[0]  # X_c^T Y_c, transposed
+            for part in parts[1:]:
+                CT += part
             S = _top_k(_abs_r(torch.from_numpy(CT).T, x_norm, Yc), k).numpy()
             selected[sl], b_all[sl], y_mean[sl] = S, np.take_along_axis(CT, S, 1), mean.numpy()
             for f, va in enumerate(fold_slices):
