@@ -309,3 +309,18 @@ def test_missing_masks_count_every_dimension(models, scenes, tmp_path):
                                       progress=False)
     assert result.manifest["settings"]["masks"].startswith("all-ones")
     assert result.manifest["identity"]["masks"] == "all-ones"
+
+
+def test_loading_stable_diffusion_prints_no_bars_and_restores_the_libraries(capfd):
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from brainmclip.generation.stable_diffusion import load_stable_diffusion
+
+    diffusers_logging.enable_progress_bar()
+    transformers_logging.enable_progress_bar()
+    capfd.readouterr()
+    load_stable_diffusion("mini")
+    err = capfd.readouterr().err
+    assert "Loading" not in err and "it/s" not in err, err
+    assert diffusers_logging.is_progress_bar_enabled() and transformers_logging.is_progress_bar_enabled()
