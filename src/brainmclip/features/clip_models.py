@@ -28,6 +28,7 @@ from transformers import (
 
 from brainmclip.errors import InvalidInputError, MissingInputError
 from brainmclip.features.tokenizer import load_clip_tokenizer
+from brainmclip.quiet import quiet_hf_loading
 
 __all__ = ["ClipTowers", "load_clip", "random_clip", "list_random_configs", "resolve_model_folder", "DEFAULT_CLIP"]
 
@@ -108,18 +109,9 @@ def _resolve_local(model: str) -> tuple[Path, dict]:
 def _from_folder(cls, folder: Path):
     """One tower from a CLIP folder. A full CLIP checkpoint holds both towers, so the other tower's tensors are
     "unexpected" for each (transformers logs a table of them, silenced here); a *missing* tensor is an error."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # a bar per tower of a 2 MB model is noise
-    try:
+    with quiet_hf_loading(errors_only=True):
         # float32 whatever the files hold: miniature weights ship as float16, and CPU matmuls want float32.
         model, info = cls.from_pretrained(folder, local_files_only=True, dtype=torch.float32, output_loading_info=True)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
     missing = [k for k in info.get("missing_keys", []) if "position_ids" not in k]
     if missing:
         raise InvalidInputError(f"{folder}: {cls.__name__} weights incomplete (missing {missing[:3]})")

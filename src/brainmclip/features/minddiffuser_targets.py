@@ -63,6 +63,7 @@ from brainmclip.errors import InvalidInputError, MissingInputError
 from brainmclip.features.clip_extractor import ClipFeatureExtractor, module_outputs
 from brainmclip.features.extract import ExtractResult
 from brainmclip.features.feature_store import FeatureStore, open_feature_store
+from brainmclip.quiet import quiet_hf_loading
 
 __all__ = ["COMMAND", "CONVENTIONS", "DEFAULT_LAYERS", "MindDiffuserExtractResult", "StructuralFeatures",
            "add_arguments", "extract_minddiffuser_targets", "load_minddiffuser_targets", "run",
@@ -211,7 +212,6 @@ def load_sd_parts(sd: str, device) -> tuple[object, object, object, int, dict]:
     """SD's text encoder, tokenizer and VAE (not the UNet), the native image size, and what they are."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel
-    from transformers.utils import logging as hf_logging
 
     from brainmclip.features.tokenizer import load_clip_tokenizer
     from brainmclip.generation.stable_diffusion import stable_diffusion_folder
@@ -221,17 +221,12 @@ def load_sd_parts(sd: str, device) -> tuple[object, object, object, int, dict]:
     if missing:
         raise MissingInputError(f"{root}: not a Stable Diffusion folder (missing {', '.join(missing)}; need "
                                 f"{', '.join(SD_PARTS)} in SD's layout)")
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with quiet_hf_loading():
         text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True,
                                                      dtype=torch.float32).eval().to(device)
         vae = AutoencoderKL.from_pretrained(root / "vae", local_files_only=True, dtype=torch.float32)
         vae = vae.eval().to(device)
         tokenizer = load_clip_tokenizer(root / "tokenizer", int(text_encoder.config.max_position_embeddings))
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     unet_config = root / "unet" / "config.json"
     size = (int(json.loads(unet_config.read_text())["sample_size"]) * factor if unet_config.is_file()

@@ -6,7 +6,6 @@ MindDiffuser reconstructs with Stable Diffusion v1.4 and BrainCLIP samples with 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 
 from brainmclip.errors import MissingInputError
+from brainmclip.quiet import quiet_hf_loading
 
 __all__ = ["SD_COMPONENTS", "DEFAULT_SD", "load_stable_diffusion", "stable_diffusion_folder", "stable_diffusion_identity"]
 
@@ -42,25 +42,6 @@ def stable_diffusion_folder(path_or_id: str | os.PathLike) -> Path:
                                 f"({type(err).__name__}); download it first or pass a local path") from None
 
 
-@contextlib.contextmanager
-def _quiet_loading():
-    """No loading bars from diffusers (one per pipeline component) or transformers (one per weight file) while a
-    pipeline loads: a local load takes well under a second, and the bars land in the middle of our own progress
-    output. Both libraries' settings are restored afterwards."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    states = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
-    for lib, _ in states:
-        lib.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for lib, enabled in states:
-            if enabled:
-                lib.enable_progress_bar()
-
-
 def load_stable_diffusion(path_or_id: str | os.PathLike = DEFAULT_SD, device="cpu",
                           dtype: torch.dtype = torch.float32):
     """A ``StableDiffusionPipeline`` (no safety checker) from a folder with SD's layout; 'mini' for mini-SD."""
@@ -79,7 +60,7 @@ def load_stable_diffusion(path_or_id: str | os.PathLike = DEFAULT_SD, device="cp
     scheduler_class = getattr(diffusers, scheduler_config["_class_name"])
     extra = {"steps_offset": 1} if scheduler_config.get("steps_offset", 1) != 1 else {}
     scheduler = scheduler_class.from_pretrained(root / "scheduler", **extra)
-    with _quiet_loading():
+    with quiet_hf_loading():
         pipe = StableDiffusionPipeline.from_pretrained(root, local_files_only=True, dtype=dtype,
                                                        safety_checker=None, feature_extractor=None,
                                                        requires_safety_checker=False, scheduler=scheduler)
