@@ -613,9 +613,8 @@ class _PrimalSystem:
     def cv_sse(self, Yc: torch.Tensor, folds, alphas: torch.Tensor) -> torch.Tensor:
         """Validation squared error summed over folds, (n_alphas, B).
 
-        Fold f's training rows T, centred on their own mean ``m_T = -s_f / n_T`` (the data are
-        centred on the full mean, and ``s_f`` sums the held-out rows), have Gram matrix
-        ``G - G_f - s_f s_f^T / n_T`` and cross products ``b - X_f^T y_f - s_f sum(y_f) / n_T``.
+        Fold f's training system comes from the full and held-out sums (:func:`_centred_fold_system`), so no fold
+        touches the training rows again.
         """
         n = Yc.shape[0]
         sse = Yc.new_zeros((len(alphas), Yc.shape[1]), dtype=torch.float64)
@@ -625,8 +624,7 @@ class _PrimalSystem:
             n_T = n - yv.shape[1]
             s = Xv.sum(2)
             ys = yv.sum(1)
-            G_T = self.G - G_f - s[:, :, None] * s[:, None, :] / n_T
-            b_T = self.b - (Xv @ yv[..., None]).squeeze(-1) - s * (ys / n_T)[:, None]
+            G_T, b_T = _centred_fold_system(self.G - G_f, self.b - (Xv @ yv[..., None]).squeeze(-1), s, ys, n_T)
             W = _solve_alphas(G_T, b_T[..., None], alphas)  # (B, k, A)
             # residual = (y_v - m_y) - (X_v - m_x) w, with m_x = -s / n_T and m_y = -sum(y_v) / n_T
             pred = Xv.mT @ W + ((s[:, :, None] * W).sum(1) / n_T)[:, None, :]  # (B, n_v, A)
@@ -637,6 +635,18 @@ class _PrimalSystem:
     def refit(self, Yc: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         """Weights (B, k) for one alpha per target (B,)."""
         return _spd_solve(_add_diag(self.G, alpha), self.b[..., None]).squeeze(-1)
+
+
+def _centred_fold_system(G_rest: torch.Tensor, b_rest: torch.Tensor, s: torch.Tensor, ys: torch.Tensor,
+                         n_T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fold's training system, its rows centred on their own mean, from sums over the full-mean-centred data.
+
+    The training rows' mean is ``-s / n_T`` (``s`` (B, k) the held-out rows' column sums, ``ys`` (B,) their
+    targets' sum), so with ``G_rest = G - G_f`` and ``b_rest = b - X_f^T y_f`` (the training rows' uncentred
+    sums) the Gram matrix is ``G_rest - s s^T / n_T`` and the cross products ``b_rest - s sum(y_f) / n_T``.
+    ``G_rest`` is updated in place.
+    """
+    return G_rest.baddbmm_(s[:, :, None], s[:, None, :], alpha=-1 / n_T), b_rest - s * (ys / n_T)[:, None]
 
 
 def _fit_from_voxel_gram(Xc: torch.Tensor, Y2: np.ndarray, slices, k: int, fold_slices, alphas: np.ndarray,
@@ -732,9 +742,7 @@ def _fold_errors(G: np.ndarray, G_f: np.ndarray, s_all: np.ndarray, S: np.ndarra
     cross = torch.from_numpy(cross)
     ys, yy = torch.from_numpy(y_sums[0]), torch.from_numpy(y_sums[1])
     m = ys / n_T  # minus the training rows' mean of y (the full mean is zero)
-    # Fold f's training rows centred on their own mean: Gram G - G_f - s s^T / n_T, cross products likewise.
-    G_T = torch.baddbmm(G_S.sub_(G_fS), s[:, :, None], s[:, None, :], alpha=-1 / n_T)
-    b_T = torch.from_numpy(b) - cross - s * m[:, None]
+    G_T, b_T = _centred_fold_system(G_S.sub_(G_fS), torch.from_numpy(b) - cross, s, ys, n_T)
     W = _solve_alphas(G_T, b_T[..., None], alphas)  # (B, k, A)
     # Held-out residual r = u - X_f w - c 1, u = y_f + m, c = s.w / n_T (the training mean's offset):
     # |r|^2 = u.u - 2 w.(X_f^T u) - 2 c sum(u) + w^T G_f w + 2 c (s.w) + n_v c^2, with s.w = c n_T.
